@@ -1,0 +1,33 @@
+"""Errors a user can act on: each names the file or key and says what to do."""
+
+from __future__ import annotations
+
+
+class LoRAOpsError(ValueError):
+    """Base class: something about the input is wrong; nothing was changed."""
+
+
+class UnsafeFileError(LoRAOpsError):
+    """The file is not a well-formed safetensors file (or is a pickle, which is never loaded)."""
+
+
+class LoRAFormatError(LoRAOpsError):
+    """The file is a safetensors file, but not a LoRA this pack can apply to Flux."""
+
+
+class ModelMismatchError(LoRAOpsError):
+    """The LoRA does not fit the model it is applied to (shapes, missing weights, not Flux)."""
+
+
+class LoRAFormatWarning(UserWarning):
+    """A LoRA file loaded, but part of it was skipped or reinterpreted."""
+
+
+def where(path: object | None, key: str | None = None) -> str:
+    """A short 'in FILE, key KEY' phrase for messages."""
+    parts = []
+    if path is not None:
+        parts.append(f"in {path}")
+    if key is not None:
+        parts.append(f"key {key!r}")
+    return (" " + ", ".join(parts)) if parts else ""

@@ -1,0 +1,383 @@
+"""The merge engine: LoRAs into model weights, in place, row tile by row tile.
+
+For each target weight and each tile of rows: decode the stored rows to fp32, add every adapter's
+change (strength x scale x delta) in fp32, round once into the storage dtype, write back. Extra
+memory is a few tile-sized fp32 buffers; there is no full-layer fp32 copy and no backup.
+
+Exact undo without a backup: the rounding loses information only where W+ΔW crosses into a
+coarser binade. After writing a tile, the engine recomputes what undo would recover and keeps,
+in a sparse *journal* (flat index, original value), only the elements where that differs
+(typically 1-4 % of the merged elements for bf16, stored in system RAM). With it, a later call can
+move the weights from the merged stack to any other stack (new strengths, other LoRAs, or none)
+bit-exactly in one pass, and a failure midway (bad tensor, out of memory, interrupt) rolls every
+touched tile back to its exact previous bits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .adapters import Adapter, DoRA
+from .errors import ModelMismatchError
+from .flux import strip_model_prefix
+from .formats import LoRAFile, check_fits
+
+DEFAULT_TILE_BYTES = 64 * 1024 * 1024
+#: fp32 buffers alive per tile row: stored→fp32, base, sum of deltas, two adapter scratch, recovery.
+_FP32_BUFFERS = 6
+
+Term = tuple[Adapter, float]
+
+
+class Codec:
+    """How a weight is stored: decode rows to fp32, encode fp32 rows back (round once).
+
+    The default stores in the tensor's own float dtype with round-to-nearest. fp8 codecs with
+    scales plug in here (see lora_ops.fp8).
+    """
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+    def decode(self, stored: torch.Tensor) -> torch.Tensor:
+        return stored.float()
+
+    def encode(self, values: torch.Tensor, key: str, row0: int) -> torch.Tensor:
+        return values.to(self.dtype)
+
+
+@dataclass
+class Journal:
+    """Exact values that undo cannot recover by subtraction, for one weight (CPU)."""
+
+    index: torch.Tensor  # flat int64 indices into the weight
+    values: torch.Tensor  # original values, storage dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.index.numel() * 8 + self.values.numel() * self.values.element_size()
+
+
+@dataclass
+class MergeState:
+    """What is merged into a set of weights now; pass it to the next merge or to `restore`."""
+
+    stack: list[tuple[LoRAFile, float]] = field(default_factory=list)
+    journals: dict[str, Journal] = field(default_factory=dict)
+    dora_norms: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def journal_bytes(self) -> int:
+        return sum(j.nbytes for j in self.journals.values())
+
+
+@dataclass
+class MergeOptions:
+    """Knobs of one merge call."""
+
+    tile_bytes: int | None = None  # working-memory budget for one tile; None = 64 MiB
+    compute_device: torch.device | str | None = None  # None: compute where each weight lives
+    on_tile: Callable[[str, int, int], None] | None = None  # (key, tile index, rows); may raise to cancel
+    progress: Callable[[int, int], None] | None = None  # (elements done, elements total)
+    codec_for: Callable[[str, torch.Tensor], Codec] | None = None
+    min_tile_bytes: int = 1 << 20  # out-of-memory retries halve the tile down to this
+    exact_undo: bool = True  # keep the journal (off for merges into a copy, e.g. the offline writer)
+
+
+@dataclass
+class MergeReport:
+    keys: int = 0
+    elements: int = 0
+    tile_rows_max: int = 0
+    peak_tile_bytes: int = 0
+    journal_bytes: int = 0
+    retries: int = 0
+
+
+def weight_map(target: Mapping[str, torch.Tensor] | torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Bare BFL name → the live tensor to change in place, for a state dict or a module."""
+    if isinstance(target, torch.nn.Module):
+        items = ((name, p.data) for name, p in target.named_parameters())
+    else:
+        items = target.items()
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in items:
+        out[strip_model_prefix(name)[1]] = tensor
+    return out
+
+
+def terms_by_target(stack: Sequence[tuple[LoRAFile, float]]) -> dict[str, list[Term]]:
+    """Every (adapter, strength) of a stack, grouped by the weight it changes."""
+    out: dict[str, list[Term]] = {}
+    for lora, strength in stack:
+        for target, adapters in lora.targets.items():
+            out.setdefault(target, []).extend((a, float(strength)) for a in adapters if strength != 0.0)
+    return out
+
+
+def _same_terms(a: list[Term], b: list[Term]) -> bool:
+    return len(a) == len(b) and all(x[0] is y[0] and x[1] == y[1] for x, y in zip(a, b))
+
+
+class _KeyJob:
+    """One weight's transition from `old` terms to `new` terms."""
+
+    def __init__(self, key: str, weight: torch.Tensor, old: list[Term], new: list[Term], journal: Journal | None,
+                 codec: Codec, device: torch.device, state: MergeState, exact_undo: bool = True) -> None:
+        self.key = key
+        self.exact_undo = exact_undo
+        self.weight = weight
+        self.matrix = weight if weight.dim() == 2 else weight.reshape(weight.shape[0], -1)
+        self.codec = codec
+        self.device = device
+        self.old = [(a.on(device), c, a) for a, c in old]
+        self.new = [(a.on(device), c, a) for a, c in new]
+        self.journal = journal
+        self.state = state
+        self.new_index: list[torch.Tensor] = []
+        self.new_values: list[torch.Tensor] = []
+        self.undo_index: list[torch.Tensor] = []
+        self.undo_values: list[torch.Tensor] = []
+        self.written: list[tuple[int, int]] = []
+        for dev_adapter, _, original in self.old:
+            if isinstance(dev_adapter, DoRA):
+                dev_adapter._sumsq = state.dora_norms.get((key, id(original)))
+
+    # --- deltas -------------------------------------------------------------------------------
+    def _add_terms(self, out: torch.Tensor, terms, r0: int, r1: int, base: torch.Tensor | None) -> None:
+        for adapter, coeff, _ in terms:
+            a0 = max(r0, adapter.row_offset)
+            a1 = min(r1, adapter.row_offset + adapter.shape[0])
+            if a0 >= a1:
+                continue
+            b = base[a0 - r0 : a1 - r0] if base is not None else None
+            adapter.add_delta(out[a0 - r0 : a1 - r0], a0 - adapter.row_offset, a1 - adapter.row_offset, coeff, b)
+
+    def _apply(self, base: torch.Tensor, terms, r0: int, r1: int) -> torch.Tensor:
+        out = base.clone()
+        self._add_terms(out, terms, r0, r1, base)
+        return out
+
+    def _recover(self, stored: torch.Tensor, terms_from, terms_to, r0: int, r1: int) -> torch.Tensor:
+        """Deterministic estimate of the stored rows before `terms_from` (then `terms_to` applied)."""
+        needs_base = any(a.needs_base for a, _, _ in terms_from)
+        estimate = stored.clone()
+        self._add_terms(estimate, _negated(terms_from), r0, r1, stored)
+        if needs_base:
+            second = stored.clone()
+            self._add_terms(second, _negated(terms_from), r0, r1, estimate)
+            estimate = second
+        if terms_to:
+            estimate = self._apply(estimate, terms_to, r0, r1)
+        return estimate
+
+    # --- tiles --------------------------------------------------------------------------------
+    def _read(self, r0: int, r1: int) -> torch.Tensor:
+        return self.codec.decode(self.matrix[r0:r1].to(self.device, non_blocking=False))
+
+    def _journal_rows(self, journal: Journal | None, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if journal is None or journal.index.numel() == 0:
+            return None
+        cols = self.matrix.shape[1]
+        lo = torch.searchsorted(journal.index, r0 * cols)
+        hi = torch.searchsorted(journal.index, r1 * cols)
+        if lo == hi:
+            return None
+        return journal.index[lo:hi] - r0 * cols, journal.values[lo:hi]
+
+    def base_rows(self, r0: int, r1: int) -> torch.Tensor:
+        """The exact original (no LoRA) rows, as fp32, recovered from the current weights."""
+        current = self._read(r0, r1)
+        if not self.old:
+            return current
+        stored = self.codec.encode(self._recover(current, self.old, [], r0, r1), self.key, r0)
+        fix = self._journal_rows(self.journal, r0, r1)
+        if fix is not None:
+            stored.view(-1)[fix[0].to(self.device)] = fix[1].to(self.device)
+        return self.codec.decode(stored)
+
+    def prepare_norms(self, tile_rows: int) -> None:
+        doras = [a for a, _, _ in self.new if isinstance(a, DoRA) and a.per_column]
+        if not doras:
+            return
+        for r0, r1 in _tiles(self.matrix.shape[0], tile_rows):
+            base = self.base_rows(r0, r1)
+            for d in doras:
+                a0, a1 = max(r0, d.row_offset), min(r1, d.row_offset + d.shape[0])
+                if a0 < a1:
+                    d.accumulate_norms(a0 - d.row_offset, a1 - d.row_offset, base[a0 - r0 : a1 - r0])
+        for dev_adapter, _, original in self.new:
+            if isinstance(dev_adapter, DoRA):
+                self.state.dora_norms[(self.key, id(original))] = dev_adapter._sumsq
+
+    def run_tile(self, r0: int, r1: int) -> None:
+        current_stored = self.matrix[r0:r1].to(self.device)
+        base = self.base_rows(r0, r1)
+        out_stored = self.codec.encode(self._apply(base, self.new, r0, r1), self.key, r0)
+        out = self.codec.decode(out_stored)
+        base_stored = self.codec.encode(base, self.key, r0)
+        if self.new and self.exact_undo:
+            self._record(self.new_index, self.new_values, out, self.new, [], base_stored, r0, r1)
+        if self.old and self.exact_undo:
+            self._record(self.undo_index, self.undo_values, out, self.new, self.old, current_stored, r0, r1)
+        self.matrix[r0:r1].copy_(out_stored)
+        self.written.append((r0, r1))
+
+    def _record(self, index_list, value_list, out, terms_from, terms_to, truth, r0: int, r1: int) -> None:
+        recovered = self.codec.encode(self._recover(out, terms_from, terms_to, r0, r1), self.key, r0)
+        bad = (recovered != truth).view(-1) if truth.dtype != torch.float8_e4m3fn else (
+            recovered.view(torch.uint8) != truth.view(torch.uint8)).view(-1)
+        flat = torch.nonzero(bad).squeeze(1)
+        if flat.numel():
+            index_list.append((flat + r0 * self.matrix.shape[1]).cpu())
+            value_list.append(truth.reshape(-1)[flat].cpu())
+
+    def undo_tile(self, r0: int, r1: int) -> None:
+        """Put back the bits this call replaced in rows [r0, r1)."""
+        out = self._read(r0, r1)
+        if self.old:
+            stored = self.codec.encode(self._recover(out, self.new, self.old, r0, r1), self.key, r0)
+            fix = _rows_of(self.undo_index, self.undo_values, r0, r1, self.matrix.shape[1])
+        else:
+            stored = self.codec.encode(self._recover(out, self.new, [], r0, r1), self.key, r0)
+            fix = _rows_of(self.new_index, self.new_values, r0, r1, self.matrix.shape[1])
+        if fix is not None:
+            stored.view(-1)[fix[0].to(self.device)] = fix[1].to(self.device)
+        self.matrix[r0:r1].copy_(stored)
+
+    def rollback(self) -> None:
+        for r0, r1 in reversed(self.written):
+            self.undo_tile(r0, r1)
+        self.written.clear()
+
+    def finished_journal(self) -> Journal | None:
+        if not self.new:
+            return None
+        if self.new_index:
+            index = torch.cat(self.new_index)
+            values = torch.cat(self.new_values)
+        else:
+            index = torch.zeros(0, dtype=torch.int64)
+            values = torch.zeros(0, dtype=self.matrix.dtype)
+        return Journal(index, values)
+
+
+def _negated(terms):
+    return [(a, -c, o) for a, c, o in terms]
+
+
+def _rows_of(index_list, value_list, r0: int, r1: int, cols: int):
+    if not index_list:
+        return None
+    index = torch.cat(index_list)
+    values = torch.cat(value_list)
+    keep = (index >= r0 * cols) & (index < r1 * cols)
+    if not bool(keep.any()):
+        return None
+    return index[keep] - r0 * cols, values[keep]
+
+
+def _tiles(rows: int, tile_rows: int) -> Iterator[tuple[int, int]]:
+    for r0 in range(0, rows, tile_rows):
+        yield r0, min(rows, r0 + tile_rows)
+
+
+def tile_rows_for(cols: int, tile_bytes: int) -> int:
+    """Rows per tile so that the fp32 working buffers fit in `tile_bytes`."""
+    return max(1, tile_bytes // (_FP32_BUFFERS * 4 * max(cols, 1)))
+
+
+def merge_loras(
+    target: Mapping[str, torch.Tensor] | torch.nn.Module,
+    loras: Sequence[tuple[LoRAFile, float]],
+    *,
+    state: MergeState | None = None,
+    tile_bytes: int | None = None,
+    options: MergeOptions | None = None,
+    report: MergeReport | None = None,
+) -> MergeState:
+    """Make the weights of `target` equal base + the given stack, in place; return the new state.
+
+    `state` is what an earlier call returned for the same weights: the engine then moves the
+    weights from that stack to this one in one pass (strength changes, swaps, `[]` to restore).
+    On any failure every weight is left exactly as it was and the error is raised.
+    An out-of-memory error is retried with half the tile size, down to `min_tile_bytes`.
+    """
+    options = options or MergeOptions()
+    budget = tile_bytes or options.tile_bytes or DEFAULT_TILE_BYTES
+    report = report if report is not None else MergeReport()
+    while True:
+        try:
+            return _merge_once(target, loras, state or MergeState(), budget, options, report)
+        except torch.OutOfMemoryError:
+            if budget // 2 < options.min_tile_bytes:
+                raise
+            budget //= 2
+            report.retries += 1
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+
+def restore(target, state: MergeState, **kw) -> MergeState:
+    """Take every merged LoRA out again, exactly; returns an empty state."""
+    return merge_loras(target, [], state=state, **kw)
+
+
+def _merge_once(target, loras, state: MergeState, budget: int, options: MergeOptions, report: MergeReport) -> MergeState:
+    weights = weight_map(target)
+    shape_of = lambda key: tuple(weights[key].shape) if key in weights else None  # noqa: E731
+    for lora, _ in loras:
+        check_fits(lora, shape_of)
+    old_terms = terms_by_target(state.stack)
+    new_terms = terms_by_target(loras)
+    keys = [k for k in dict.fromkeys([*old_terms, *new_terms]) if not _same_terms(old_terms.get(k, []), new_terms.get(k, []))]
+    for key in keys:
+        if key not in weights:
+            raise ModelMismatchError(f"the merged state names {key!r}, which the model does not have")
+    total = sum(weights[k].numel() for k in keys)
+    done = 0
+    new_state = MergeState(list(loras), dict(state.journals), dict(state.dora_norms))
+    finished: list[_KeyJob] = []
+    job = None
+    try:
+        for key in keys:
+            weight = weights[key]
+            device = torch.device(options.compute_device) if options.compute_device is not None else weight.device
+            codec = options.codec_for(key, weight) if options.codec_for else Codec(weight.dtype)
+            job = _KeyJob(key, weight, old_terms.get(key, []), new_terms.get(key, []), state.journals.get(key),
+                          codec, device, new_state, options.exact_undo)
+            cols = job.matrix.shape[1]
+            rows_per_tile = tile_rows_for(cols, budget)
+            job.prepare_norms(rows_per_tile)
+            for i, (r0, r1) in enumerate(_tiles(job.matrix.shape[0], rows_per_tile)):
+                if options.on_tile is not None:
+                    options.on_tile(key, i, r1 - r0)
+                job.run_tile(r0, r1)
+                report.tile_rows_max = max(report.tile_rows_max, r1 - r0)
+                report.peak_tile_bytes = max(report.peak_tile_bytes, (r1 - r0) * cols * 4 * _FP32_BUFFERS)
+            finished.append(job)
+            job = None
+            done += weight.numel()
+            if options.progress is not None:
+                options.progress(done, total)
+    except BaseException:
+        if job is not None:
+            job.rollback()
+        for earlier in reversed(finished):
+            earlier.rollback()
+        raise
+    for job in finished:
+        journal = job.finished_journal()
+        if journal is None:
+            new_state.journals.pop(job.key, None)
+        else:
+            new_state.journals[job.key] = journal
+        report.keys += 1
+        report.elements += job.weight.numel()
+    live = {(k, id(a)) for k, terms in new_terms.items() for a, _ in terms}
+    new_state.dora_norms = {k: v for k, v in new_state.dora_norms.items() if k in live}
+    report.journal_bytes = new_state.journal_bytes
+    return new_state

@@ -1,0 +1,73 @@
+"""Fixtures that run a real ComfyUI server (CPU, bf16 diffusion model) for integration tests.
+
+Set ``COMFYUI_ROOT`` to a ComfyUI checkout (0.3.64) and run pytest with a Python that has ComfyUI's
+requirements installed; otherwise every test here is skipped.
+
+Optional: ``FLUX_LORA_OPS_TEST_CACHE`` names a directory where the generated 1.1 GB test checkpoint
+is kept between sessions (default: the session's pytest temp dir, regenerated each session).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from comfy_harness import (  # noqa: E402
+    FLUX_TINY_SEED,
+    ComfyServer,
+    free_port,
+    is_comfyui_root,
+    make_base_directory,
+    write_flux_tiny,
+)
+
+SERVER_START_TIMEOUT = float(os.environ.get("COMFYUI_START_TIMEOUT", "180"))
+
+
+@pytest.fixture(scope="session")
+def comfyui_root() -> Path:
+    value = os.environ.get("COMFYUI_ROOT")
+    if not value:
+        pytest.skip(
+            "COMFYUI_ROOT is not set: point it at a ComfyUI checkout (e.g. COMFYUI_ROOT=/work/comfyui) "
+            "to run the real-server integration tests"
+        )
+    if not is_comfyui_root(value):
+        pytest.skip(f"COMFYUI_ROOT={value!r} is not a ComfyUI checkout (no main.py / nodes.py / comfy/ there)")
+    return Path(value).resolve()
+
+
+@pytest.fixture(scope="session")
+def flux_tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 1 double + 1 single block, 3072-wide, bf16 Flux checkpoint (bare BFL key names), seed 0."""
+    cache = os.environ.get("FLUX_LORA_OPS_TEST_CACHE")
+    folder = Path(cache) if cache else tmp_path_factory.getbasetemp() / "flux_cache"
+    return write_flux_tiny(folder / f"flux_tiny_d1s1_seed{FLUX_TINY_SEED}.safetensors")
+
+
+@pytest.fixture(scope="session")
+def comfy_server(comfyui_root: Path, flux_tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A ComfyUI server on 127.0.0.1 with the pack and the test node pack installed.
+
+    ``base_dir`` holds ``models/diffusion_models/flux_tiny.safetensors``, ``models/loras/`` (empty; use
+    ``server.add_lora(path)`` or ``server.loras_dir``), ``custom_nodes/{flux_lora_ops,
+    flux_lora_ops_test_nodes}`` and ``output/``. The log is at ``server.log_path``.
+    """
+    base = tmp_path_factory.mktemp("comfy_base")
+    make_base_directory(base, flux_tiny_checkpoint)
+    server = ComfyServer(
+        comfyui_root=comfyui_root,
+        base_dir=base,
+        log_path=tmp_path_factory.getbasetemp() / "comfyui_server.log",
+        port=free_port(),
+    )
+    server.start(timeout=SERVER_START_TIMEOUT)
+    try:
+        yield server
+    finally:
+        server.stop()
