@@ -19,7 +19,7 @@ from .errors import LoRAFormatError
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 #: Rows per matmul when computing a change (see Adapter.add_delta).
-ROW_BLOCK = 64
+ROW_BLOCK = 256
 
 
 def _as_matrix(t: torch.Tensor) -> torch.Tensor:
@@ -319,14 +319,15 @@ class DoRA(Adapter):
     def accumulate_norms(self, start: int, stop: int, base: torch.Tensor) -> None:
         if not self.per_column:
             return
-        sq = self._combined(start, stop, base).square_().sum(dim=0, keepdim=True)
+        # float64 so the sum does not depend on how the rows were tiled
+        sq = self._combined(start, stop, base).double().square_().sum(dim=0, keepdim=True)
         self._sumsq = sq if self._sumsq is None else self._sumsq.add_(sq)
 
     def add_delta(self, out, start, stop, coeff, base=None) -> None:
         combined = self._combined(start, stop, base)
         eps = torch.finfo(torch.float32).eps
         if self.per_column:
-            norm = self._sumsq.sqrt() + eps
+            norm = self._sumsq.sqrt().float() + eps
             factor = self.magnitude / norm
         else:
             norm = combined.norm(dim=1, keepdim=True) + eps

@@ -556,6 +556,32 @@ def _check_overlaps(path: Path, targets: dict[str, list[Adapter]]) -> None:
                 )
 
 
+#: GPU bytes per LoRA parameter when applied unmerged the way kohya's flux_minimal_inference does:
+#: fp32 factors (4 B) plus the bf16 copy autocast caches for the whole run (2 B).
+UNMERGED_BYTES_PER_PARAM = 6
+
+
+def describe(lora: LoRAFile) -> dict[str, object]:
+    """Facts about a LoRA for `inspect` and the planner."""
+    params = sum(t.numel() for adapters in lora.targets.values() for a in adapters for t in a.factors().values())
+    alphas = sorted({round(a.scale * a.rank, 4) for ads in lora.targets.values() for a in ads if a.rank})
+    return {
+        "path": str(lora.path),
+        "format": lora.format,
+        "targets": len(lora.targets),
+        "kinds": lora.kinds(),
+        "ranks": lora.ranks,
+        "alphas": alphas,
+        "params": params,
+        "file_mib": lora.nbytes / 2**20,
+        "unmerged_runtime_mib": params * UNMERGED_BYTES_PER_PARAM / 2**20,
+        "mapped_keys": len(lora.coverage.mapped),
+        "unmapped": lora.coverage.unmapped,
+        "text_encoder_keys": len(lora.coverage.text_encoder_keys),
+        "notes": lora.coverage.notes,
+    }
+
+
 ShapeLookup = Callable[[str], "tuple[int, ...] | None"]
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .adapters import Adapter, DoRA
+from .adapters import ROW_BLOCK, Adapter, DoRA
 from .errors import ModelMismatchError
 from .flux import strip_model_prefix
 from .formats import LoRAFile, check_fits
@@ -53,12 +53,12 @@ class Codec:
 class Journal:
     """Exact values that undo cannot recover by subtraction, for one weight (CPU)."""
 
-    index: torch.Tensor  # flat int64 indices into the weight
+    index: torch.Tensor  # sorted flat int32 indices into the weight
     values: torch.Tensor  # original values, storage dtype
 
     @property
     def nbytes(self) -> int:
-        return self.index.numel() * 8 + self.values.numel() * self.values.element_size()
+        return self.index.numel() * 4 + self.values.numel() * self.values.element_size()
 
 
 @dataclass
@@ -123,7 +123,7 @@ def _same_terms(a: list[Term], b: list[Term]) -> bool:
 
 
 class _KeyJob:
-    """One weight's transition from `old` terms to `new` terms."""
+    """One weight's transition from `old` terms to `new` terms, tile by tile."""
 
     def __init__(self, key: str, weight: torch.Tensor, old: list[Term], new: list[Term], journal: Journal | None,
                  codec: Codec, device: torch.device, state: MergeState, exact_undo: bool = True) -> None:
@@ -135,6 +135,8 @@ class _KeyJob:
         self.device = device
         self.old = [(a.on(device), c, a) for a, c in old]
         self.new = [(a.on(device), c, a) for a, c in new]
+        self.old_linear = not any(a.needs_base for a, _, _ in self.old)
+        self.new_linear = not any(a.needs_base for a, _, _ in self.new)
         self.journal = journal
         self.state = state
         self.new_index: list[torch.Tensor] = []
@@ -147,7 +149,9 @@ class _KeyJob:
                 dev_adapter._sumsq = state.dora_norms.get((key, id(original)))
 
     # --- deltas -------------------------------------------------------------------------------
-    def _add_terms(self, out: torch.Tensor, terms, r0: int, r1: int, base: torch.Tensor | None) -> None:
+    def _delta(self, terms, r0: int, r1: int, base: torch.Tensor | None) -> torch.Tensor:
+        """Σ coeff·change over rows [r0, r1), fp32; `base` only matters for base-dependent kinds."""
+        out = torch.zeros((r1 - r0, self.matrix.shape[1]), dtype=torch.float32, device=self.device)
         for adapter, coeff, _ in terms:
             a0 = max(r0, adapter.row_offset)
             a1 = min(r1, adapter.row_offset + adapter.shape[0])
@@ -155,56 +159,44 @@ class _KeyJob:
                 continue
             b = base[a0 - r0 : a1 - r0] if base is not None else None
             adapter.add_delta(out[a0 - r0 : a1 - r0], a0 - adapter.row_offset, a1 - adapter.row_offset, coeff, b)
-
-    def _apply(self, base: torch.Tensor, terms, r0: int, r1: int) -> torch.Tensor:
-        out = base.clone()
-        self._add_terms(out, terms, r0, r1, base)
         return out
 
-    def _recover(self, stored: torch.Tensor, terms_from, terms_to, r0: int, r1: int) -> torch.Tensor:
-        """Deterministic estimate of the stored rows before `terms_from` (then `terms_to` applied)."""
-        needs_base = any(a.needs_base for a, _, _ in terms_from)
-        estimate = stored.clone()
-        self._add_terms(estimate, _negated(terms_from), r0, r1, stored)
-        if needs_base:
-            second = stored.clone()
-            self._add_terms(second, _negated(terms_from), r0, r1, estimate)
-            estimate = second
-        if terms_to:
-            estimate = self._apply(estimate, terms_to, r0, r1)
-        return estimate
+    def _before(self, stored: torch.Tensor, terms, linear: bool, r0: int, r1: int,
+                delta: torch.Tensor | None = None) -> torch.Tensor:
+        """Deterministic estimate of rows before `terms` were added (fp32, not yet rounded).
+
+        Linear kinds: stored − Δ. Base-dependent kinds (DoRA, set): two fixed-point steps. The
+        journal records where the rounded estimate misses, so the estimate need not be perfect.
+        """
+        if linear:
+            return stored - (delta if delta is not None else self._delta(terms, r0, r1, None))
+        estimate = stored - self._delta(terms, r0, r1, stored)
+        return stored - self._delta(terms, r0, r1, estimate)
 
     # --- tiles --------------------------------------------------------------------------------
     def _read(self, r0: int, r1: int) -> torch.Tensor:
-        return self.codec.decode(self.matrix[r0:r1].to(self.device, non_blocking=False))
+        return self.codec.decode(self.matrix[r0:r1].to(self.device))
 
-    def _journal_rows(self, journal: Journal | None, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if journal is None or journal.index.numel() == 0:
-            return None
-        cols = self.matrix.shape[1]
-        lo = torch.searchsorted(journal.index, r0 * cols)
-        hi = torch.searchsorted(journal.index, r1 * cols)
-        if lo == hi:
-            return None
-        return journal.index[lo:hi] - r0 * cols, journal.values[lo:hi]
+    def _fix(self, stored: torch.Tensor, fix) -> torch.Tensor:
+        if fix is not None:
+            stored.view(-1)[fix[0].to(self.device, torch.int64)] = fix[1].to(self.device)
+        return stored
 
-    def base_rows(self, r0: int, r1: int) -> torch.Tensor:
-        """The exact original (no LoRA) rows, as fp32, recovered from the current weights."""
+    def base_rows(self, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The exact original rows (fp32, stored form), recovered from the current weights."""
         current = self._read(r0, r1)
         if not self.old:
-            return current
-        stored = self.codec.encode(self._recover(current, self.old, [], r0, r1), self.key, r0)
-        fix = self._journal_rows(self.journal, r0, r1)
-        if fix is not None:
-            stored.view(-1)[fix[0].to(self.device)] = fix[1].to(self.device)
-        return self.codec.decode(stored)
+            return current, self.matrix[r0:r1].to(self.device)
+        stored = self.codec.encode(self._before(current, self.old, self.old_linear, r0, r1), self.key, r0)
+        stored = self._fix(stored, _journal_rows(self.journal, r0, r1, self.matrix.shape[1]))
+        return self.codec.decode(stored), stored
 
     def prepare_norms(self, tile_rows: int) -> None:
         doras = [a for a, _, _ in self.new if isinstance(a, DoRA) and a.per_column]
         if not doras:
             return
         for r0, r1 in _tiles(self.matrix.shape[0], tile_rows):
-            base = self.base_rows(r0, r1)
+            base, _ = self.base_rows(r0, r1)
             for d in doras:
                 a0, a1 = max(r0, d.row_offset), min(r1, d.row_offset + d.shape[0])
                 if a0 < a1:
@@ -214,39 +206,43 @@ class _KeyJob:
                 self.state.dora_norms[(self.key, id(original))] = dev_adapter._sumsq
 
     def run_tile(self, r0: int, r1: int) -> None:
-        current_stored = self.matrix[r0:r1].to(self.device)
-        base = self.base_rows(r0, r1)
-        out_stored = self.codec.encode(self._apply(base, self.new, r0, r1), self.key, r0)
-        out = self.codec.decode(out_stored)
-        base_stored = self.codec.encode(base, self.key, r0)
-        if self.new and self.exact_undo:
-            self._record(self.new_index, self.new_values, out, self.new, [], base_stored, r0, r1)
-        if self.old and self.exact_undo:
-            self._record(self.undo_index, self.undo_values, out, self.new, self.old, current_stored, r0, r1)
+        current_stored = self.matrix[r0:r1].to(self.device, copy=True) if self.old else None
+        base, base_stored = self.base_rows(r0, r1)
+        delta = self._delta(self.new, r0, r1, base)
+        out_stored = self.codec.encode(base + delta, self.key, r0)
+        if self.exact_undo and (self.new or self.old):
+            out = self.codec.decode(out_stored)
+            if self.new:
+                before = self._before(out, self.new, self.new_linear, r0, r1, delta if self.new_linear else None)
+                self._record(self.new_index, self.new_values, before, base_stored, r0)
+            if self.old:
+                before = self._before(out, self.new, self.new_linear, r0, r1, delta if self.new_linear else None)
+                old_delta = self._delta(self.old, r0, r1, before)
+                self._record(self.undo_index, self.undo_values, before + old_delta, current_stored, r0)
         self.matrix[r0:r1].copy_(out_stored)
         self.written.append((r0, r1))
 
-    def _record(self, index_list, value_list, out, terms_from, terms_to, truth, r0: int, r1: int) -> None:
-        recovered = self.codec.encode(self._recover(out, terms_from, terms_to, r0, r1), self.key, r0)
-        bad = (recovered != truth).view(-1) if truth.dtype != torch.float8_e4m3fn else (
-            recovered.view(torch.uint8) != truth.view(torch.uint8)).view(-1)
-        flat = torch.nonzero(bad).squeeze(1)
+    def _record(self, index_list, value_list, estimate: torch.Tensor, truth: torch.Tensor, r0: int) -> None:
+        recovered = self.codec.encode(estimate, self.key, r0)
+        if recovered.dtype.itemsize == 1:
+            bad = recovered.view(torch.uint8) != truth.view(torch.uint8)
+        else:
+            bad = recovered != truth
+        flat = torch.nonzero(bad.view(-1)).squeeze(1)
         if flat.numel():
-            index_list.append((flat + r0 * self.matrix.shape[1]).cpu())
+            index_list.append((flat + r0 * self.matrix.shape[1]).to("cpu", torch.int32))
             value_list.append(truth.reshape(-1)[flat].cpu())
 
     def undo_tile(self, r0: int, r1: int) -> None:
         """Put back the bits this call replaced in rows [r0, r1)."""
         out = self._read(r0, r1)
+        estimate = self._before(out, self.new, self.new_linear, r0, r1)
         if self.old:
-            stored = self.codec.encode(self._recover(out, self.new, self.old, r0, r1), self.key, r0)
+            estimate = estimate + self._delta(self.old, r0, r1, estimate)
             fix = _rows_of(self.undo_index, self.undo_values, r0, r1, self.matrix.shape[1])
         else:
-            stored = self.codec.encode(self._recover(out, self.new, [], r0, r1), self.key, r0)
             fix = _rows_of(self.new_index, self.new_values, r0, r1, self.matrix.shape[1])
-        if fix is not None:
-            stored.view(-1)[fix[0].to(self.device)] = fix[1].to(self.device)
-        self.matrix[r0:r1].copy_(stored)
+        self.matrix[r0:r1].copy_(self._fix(self.codec.encode(estimate, self.key, r0), fix))
 
     def rollback(self) -> None:
         for r0, r1 in reversed(self.written):
@@ -257,12 +253,18 @@ class _KeyJob:
         if not self.new:
             return None
         if self.new_index:
-            index = torch.cat(self.new_index)
-            values = torch.cat(self.new_values)
-        else:
-            index = torch.zeros(0, dtype=torch.int64)
-            values = torch.zeros(0, dtype=self.matrix.dtype)
-        return Journal(index, values)
+            return Journal(torch.cat(self.new_index), torch.cat(self.new_values))
+        return Journal(torch.zeros(0, dtype=torch.int32), torch.zeros(0, dtype=self.matrix.dtype))
+
+
+def _journal_rows(journal: Journal | None, r0: int, r1: int, cols: int):
+    if journal is None or journal.index.numel() == 0:
+        return None
+    lo = int(torch.searchsorted(journal.index, r0 * cols))
+    hi = int(torch.searchsorted(journal.index, r1 * cols))
+    if lo == hi:
+        return None
+    return journal.index[lo:hi] - r0 * cols, journal.values[lo:hi]
 
 
 def _negated(terms):
@@ -286,8 +288,13 @@ def _tiles(rows: int, tile_rows: int) -> Iterator[tuple[int, int]]:
 
 
 def tile_rows_for(cols: int, tile_bytes: int) -> int:
-    """Rows per tile so that the fp32 working buffers fit in `tile_bytes`."""
-    return max(1, tile_bytes // (_FP32_BUFFERS * 4 * max(cols, 1)))
+    """Rows per tile so that the fp32 working buffers fit in `tile_bytes`.
+
+    Whole multiples of the adapters' row block where the budget allows, so no block's change is
+    computed twice at a tile boundary.
+    """
+    rows = max(1, tile_bytes // (_FP32_BUFFERS * 4 * max(cols, 1)))
+    return rows - rows % ROW_BLOCK if rows >= ROW_BLOCK else rows
 
 
 def merge_loras(

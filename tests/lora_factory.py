@@ -38,7 +38,18 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from lora_ops.flux import FluxShape, flux_weight_shapes
+try:
+    from lora_ops.flux import FluxShape, flux_weight_shapes
+except Exception:  # noqa: BLE001 -- the package is being written and may not import: load flux.py on its own
+    import importlib.util
+    import sys
+
+    _spec = importlib.util.spec_from_file_location(
+        "_lora_factory_flux", Path(__file__).resolve().parents[1] / "lora_ops" / "flux.py")
+    _flux = importlib.util.module_from_spec(_spec)
+    sys.modules[_spec.name] = _flux
+    _spec.loader.exec_module(_flux)
+    FluxShape, flux_weight_shapes = _flux.FluxShape, _flux.flux_weight_shapes
 
 TINY = FluxShape(hidden=32, depth=2, depth_single=2, heads=2, context_dim=48, vec_dim=24, time_dim=16,
                  in_channels=16, out_channels=16)
@@ -598,10 +609,12 @@ __all__: list[str] = [
     "REFUSED_FORMATS",
     "SAME_LAYOUT_GROUPS",
     "TINY",
+    "FluxShape",
     "LoraCase",
     "base_state_dict",
     "default_targets",
     "diffusers_modules",
+    "flux_weight_shapes",
     "kohya_name",
     "lora_factors",
     "merged_reference",

@@ -11,6 +11,7 @@ from lora_factory import (
     TINY,
     base_state_dict,
     default_targets,
+    flux_weight_shapes,
     kohya_name,
     lora_factors,
     merged_reference,
@@ -19,8 +20,6 @@ from lora_factory import (
 )
 from safetensors import safe_open
 from safetensors.torch import load_file
-
-from lora_ops.flux import flux_weight_shapes
 
 RANK = 4
 SEED = 1234

@@ -29,6 +29,9 @@ BASE_SEED = 7
 STRENGTHS = (1.0, 0.7)
 #: Fraction of elements that must be bit-exact (the rest may be 1 ulp off: fp32 summation order may differ).
 MIN_EXACT = 0.999
+#: Modules for the tile-size tests: fused qkv / linear1 (row slices), swapped adaLN rows, a wide modulation.
+TILE_TARGETS = ("double_blocks.0.img_attn.qkv", "single_blocks.0.linear1", "double_blocks.0.txt_mod.lin",
+                "final_layer.adaLN_modulation.1", "single_blocks.1.linear2", "img_in")
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -53,9 +56,10 @@ def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (ordered(a) - ordered(b)).abs()
 
 
-def _describe(key: str, got: torch.Tensor, want: torch.Tensor, base: torch.Tensor | None) -> str:
+def _describe(key: str, got: torch.Tensor, want: torch.Tensor, base: torch.Tensor | None,
+              bad: torch.Tensor | None = None) -> str:
     d = ulp_distance(got, want)
-    idx = int(d.flatten().argmax())
+    idx = int((d if bad is None else d * bad).flatten().argmax())
     pos = tuple(int(i) for i in torch.unravel_index(torch.tensor(idx), d.shape))
     msg = (f"{key}: max {int(d.max())} ulp, {100 * (d == 0).float().mean().item():.3f}% exact; worst at {pos}: "
            f"got {got.flatten()[idx].item():.8g} want {want.flatten()[idx].item():.8g}")
@@ -80,8 +84,12 @@ def assert_weights(merged: Mapping[str, torch.Tensor], want: Mapping[str, torch.
             d = ulp_distance(got, exp)
             total += d.numel()
             exact += int((d == 0).sum())
-            if int(d.max()) > max_ulp:
-                problems.append(_describe(key, got, exp, base[key]))
+            # Where base + delta (nearly) cancels, the result is tiny and its ulp is tiny too: there allow
+            # the absolute error that fp32 arithmetic on the inputs makes (a few fp32 ulps of |base|).
+            slack = 8 * torch.finfo(torch.float32).eps * (base[key].float().abs() + exp.float().abs())
+            bad = (d > max_ulp) & ((got.float() - exp.float()).abs() > slack)
+            if bool(bad.any()):
+                problems.append(_describe(key, got, exp, base[key], bad))
         elif not torch.equal(got, exp):
             problems.append("(should be exact) " + _describe(key, got, exp, base[key]))
     if total and exact / total < min_exact:
@@ -120,7 +128,7 @@ def check_against_oracle(base, parts: list[tuple[LoraCase, float]], merged, what
 
 def file_keys(path) -> list[str]:
     with safe_open(str(path), "pt") as fh:
-        return list(fh.keys())  # noqa: SIM118 (safe_open is not a Mapping)
+        return list(fh.keys())
 
 
 def covered_by(key: str, names: Iterable[str]) -> bool:
@@ -297,8 +305,9 @@ def test_other_base_dtypes(tmp_path, fmt, dtype):
 
 @pytest.mark.parametrize("fmt", ["kohya", "diffusers", "xlabs", "loha", "lokr_t2", "full_diff", "bfl_control", "dora",
                                  "dora_out"])
-def test_tile_sizes(base, cases, fmt):
-    case = cases[fmt]
+def test_tile_sizes(base, tmp_path, fmt):
+    # 1 KiB tiles are a row or two each: keep to the modules where row slices and tile edges interact.
+    case = write_lora(fmt, tmp_path / f"{fmt}.safetensors", TINY, RANK, SEED, base=base, targets=TILE_TARGETS)
     results = {tb: merge(base, [(case, 0.7)], tile_bytes=tb) for tb in (1024, 64 * 1024, None)}
     for tb, merged in results.items():
         check_against_oracle(base, [(case, 0.7)], merged, f"{fmt} tile_bytes={tb}")
@@ -314,9 +323,9 @@ def test_stack_rounds_once(base, cases):
              (cases["lokr"], 0.8)]
     merged = merge(base, parts)
     check_against_oracle(base, parts, merged, "stack of five")
-    merged_small_tiles = merge(base, parts, tile_bytes=2048)
+    merged_small_tiles = merge(base, parts, tile_bytes=16 * 1024)
     bad = [k for k in base if not torch.equal(merged[k], merged_small_tiles[k])]
-    assert not bad, f"stack: tile_bytes=2048 differs in {bad[:5]}"
+    assert not bad, f"stack: tile_bytes=16 KiB differs in {bad[:5]}"
 
 
 def test_text_encoder_only_keys_change_nothing(base, cases, tmp_path):

@@ -6,9 +6,9 @@ tests (and scripts) can import them: the tiny Flux checkpoint generator and the 
 
 from __future__ import annotations
 
-import os
 import asyncio
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import requests
 
@@ -296,12 +296,15 @@ class ComfyServer:
         """
         deadline = time.monotonic() + timeout
         while True:
-            entry = self.history(prompt_id)
+            try:
+                entry = self.history(prompt_id)
+            except requests.RequestException as e:
+                if self.alive():
+                    raise ComfyError(f"GET /history/{prompt_id} failed: {e!r}\n{self.log_tail()}") from e
+                entry = None
             if entry is not None and entry.get("status") is not None:
                 if check and entry["status"].get("status_str") != "success":
-                    raise ComfyError(
-                        f"prompt {prompt_id} failed: {self.error_summary(entry)}\n{self.log_tail()}"
-                    )
+                    raise ComfyError(f"prompt {prompt_id} failed: {self.error_summary(entry)}\n{self.log_tail()}")
                 return entry
             if not self.alive():
                 raise ComfyError(f"ComfyUI died while running prompt {prompt_id}.\n{self.log_tail()}")
@@ -370,7 +373,7 @@ class WsEvents:
         self._stop: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> WsEvents:
+    def __enter__(self) -> Self:
         self._thread = threading.Thread(target=self._run, name="comfy-ws", daemon=True)
         self._thread.start()
         if not self._ready.wait(30) or self._error is not None:
@@ -417,7 +420,8 @@ class WsEvents:
         """The ``data`` of every collected event of this type (optionally of one prompt)."""
         with self._cond:
             return [
-                e["data"] for e in self.events
+                e["data"]
+                for e in self.events
                 if e.get("type") == event_type and (prompt_id is None or e["data"].get("prompt_id") == prompt_id)
             ]
 

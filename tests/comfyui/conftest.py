@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from comfy_harness import (  # noqa: E402
+from comfy_harness import (
     FLUX_TINY_SEED,
     ComfyServer,
     free_port,

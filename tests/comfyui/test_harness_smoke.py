@@ -49,8 +49,14 @@ def smoke_prompt(
 
 def test_object_info_has_nodes(comfy_server):
     info = comfy_server.object_info()
-    for name in ("UNETLoader", "KSampler", "ModelSave", "SaveLatent", "EmptySD3LatentImage",
-                 "FluxLoRAOpsTestConditioning"):
+    for name in (
+        "UNETLoader",
+        "KSampler",
+        "ModelSave",
+        "SaveLatent",
+        "EmptySD3LatentImage",
+        "FluxLoRAOpsTestConditioning",
+    ):
         assert name in info, name
     assert FLUX_TINY_NAME in info["UNETLoader"]["input"]["required"]["unet_name"][0]
     assert info["FluxLoRAOpsTestConditioning"]["output"] == ["CONDITIONING"]
@@ -60,8 +66,11 @@ def test_pack_import(comfy_server):
     """The pack is linked as custom_nodes/flux_lora_ops; once it has an __init__.py it must import."""
     if not (REPO_ROOT / "__init__.py").is_file():
         pytest.skip("the pack has no top-level __init__.py yet (ComfyUI logs IMPORT FAILED for it)")
-    failed = [line for line in comfy_server.log_text().splitlines()
-              if "IMPORT FAILED" in line and line.rstrip().endswith(PACK_DIR_NAME)]
+    failed = [
+        line
+        for line in comfy_server.log_text().splitlines()
+        if "IMPORT FAILED" in line and line.rstrip().endswith(PACK_DIR_NAME)
+    ]
     assert not failed, comfy_server.log_tail()
 
 
@@ -118,8 +127,12 @@ def test_websocket_progress(comfy_server):
     with comfy_server.listen() as ws:
         prompt_id = comfy_server.queue(smoke_prompt(seed=2, latent_prefix="latents/ws", model_prefix=None, steps=2))
         comfy_server.wait(prompt_id, timeout=600)
-        ws.wait_for(lambda e: e["type"] == "executing" and e["data"].get("prompt_id") == prompt_id
-                    and e["data"].get("node") is None, timeout=30)
+        ws.wait_for(
+            lambda e: (
+                e["type"] == "executing" and e["data"].get("prompt_id") == prompt_id and e["data"].get("node") is None
+            ),
+            timeout=30,
+        )
     progress = [d for d in ws.of("progress", prompt_id) if d["node"] == "4"]
     assert [(d["value"], d["max"]) for d in progress] == [(1, 2), (2, 2)]
 

@@ -1,0 +1,139 @@
+"""`python -m lora_ops`: inspect LoRAs, merge them into Flux checkpoints, run the demo.
+
+Errors print one line on stderr and exit with code 2; no traceback, no output file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import LoRAOpsError
+from .formats import LoRAFile, describe, load_lora
+
+Command = Callable[[argparse.Namespace], int]
+COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Command]] = {}
+
+
+def command(name: str, configure: Callable[[argparse.ArgumentParser], None]):
+    """Register a subcommand: `configure` adds its arguments, the decorated function runs it."""
+
+    def register(run: Command) -> Command:
+        COMMANDS[name] = (configure, run)
+        return run
+
+    return register
+
+
+def parse_lora_arg(text: str) -> tuple[str, float]:
+    """PATH or PATH:STRENGTH (a Windows drive letter is not mistaken for a strength)."""
+    path, sep, tail = text.rpartition(":")
+    if sep and path and not tail.startswith(("\\", "/")):
+        try:
+            return path, float(tail)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def _load_stack(specs: list[str], legacy_split_qkv: bool = False) -> list[tuple[LoRAFile, float]]:
+    stack = []
+    for spec in specs:
+        path, strength = parse_lora_arg(spec)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            lora = load_lora(path, legacy_split_qkv=legacy_split_qkv)
+        for w in caught:
+            print(f"warning: {w.message}", file=sys.stderr)
+        stack.append((lora, strength))
+    return stack
+
+
+def _inspect_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("lora", help="LoRA .safetensors file")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+@command("inspect", _inspect_args)
+def _inspect(args: argparse.Namespace) -> int:
+    lora = load_lora(args.lora)
+    info = describe(lora)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(f"{lora.path}: {info['format']} LoRA, {info['targets']} Flux weights, kinds {info['kinds']}")
+        print(f"  ranks {info['ranks']}; alphas {info['alphas']}; {info['file_mib']:.1f} MiB of factors")
+        print(f"  unmerged at run time it adds about {info['unmerged_runtime_mib']:.0f} MiB of GPU memory "
+              "(fp32 factors + bf16 autocast cache, as kohya's flux_minimal_inference keeps them); merged: 0")
+        print("  " + lora.coverage.summary().replace("\n", "\n  "))
+    return 0
+
+
+def _merge_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="Flux checkpoint (.safetensors, BFL names with or without diffusion_model.)")
+    p.add_argument("--lora", action="append", required=True, metavar="PATH[:STRENGTH]", help="repeat for a stack")
+    p.add_argument("--out", required=True, help="output .safetensors (never an input file)")
+    p.add_argument("--dtype", default="keep", help="keep | bf16 | fp16 | fp32 | fp8")
+    p.add_argument("--policy", default="default", help="fp8 layer policy (with --dtype fp8)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda: where the merge math runs")
+    p.add_argument("--legacy-split-qkv", action="store_true", help="read kohya split_qkv files the old, weak way")
+
+
+def _device(name: str) -> str | None:
+    if name == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else None
+    return None if name == "cpu" else name
+
+
+@command("merge", _merge_args)
+def _merge(args: argparse.Namespace) -> int:
+    from .offline import merge_checkpoint
+
+    stack = _load_stack(args.lora, args.legacy_split_qkv)
+    start = time.perf_counter()
+    if args.dtype == "fp8":
+        from .fp8 import merge_checkpoint_fp8
+
+        summary = merge_checkpoint_fp8(args.model, stack, args.out, policy=args.policy, device=_device(args.device))
+    else:
+        summary = merge_checkpoint(args.model, stack, args.out, dtype=args.dtype, device=_device(args.device))
+    print(f"wrote {summary['out']}: {summary['merged']} of {summary['tensors']} tensors merged "
+          f"in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--blocks", type=int, default=1, help="double and single blocks at real width 3072 (default 1+1)")
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+
+
+@command("demo", _demo_args)
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(blocks=args.blocks, rank=args.rank, device=_device(args.device) or "cpu")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lora_ops", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (configure, _) in COMMANDS.items():
+        configure(sub.add_parser(name))
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command][1](args)
+    except (LoRAOpsError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        message = str(e) if isinstance(e, LoRAOpsError) else f"{e.filename}: {e.strerror}"
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 130

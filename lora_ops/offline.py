@@ -1,0 +1,90 @@
+"""Offline merge of LoRAs into a Flux checkpoint file, streamed tensor by tensor.
+
+Peak memory is one tensor (plus the LoRA files), whatever the model size: each tensor is read,
+merged with the engine, and written out at once by `StreamingWriter`, which writes a temporary
+file and renames it only when everything succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from .errors import LoRAOpsError, ModelMismatchError
+from .flux import is_flux_state_dict, strip_model_prefix
+from .formats import LoRAFile, check_fits
+from .merge import MergeOptions, merge_loras
+from .safetensors_io import SafetensorsFile, StreamingWriter
+
+OUTPUT_DTYPES = {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def open_flux_checkpoint(path: str | Path) -> SafetensorsFile:
+    """Open and validate a checkpoint, refusing files that are not Flux."""
+    model = SafetensorsFile(path)
+    if not is_flux_state_dict(model.keys()):
+        raise ModelMismatchError(
+            f"{path}: not a Flux checkpoint (no double_blocks.0.img_attn.norm.key_norm.scale / img_in.weight "
+            f"among its {len(model.keys())} tensors). Give the Flux diffusion model file (flux1-dev.safetensors)."
+        )
+    return model
+
+
+def refuse_overwriting_inputs(out: Path, inputs: Sequence[Path]) -> None:
+    for path in inputs:
+        if out.resolve() == Path(path).resolve() or (out.exists() and os.path.samefile(out, path)):
+            raise LoRAOpsError(f"{out}: refusing to write over an input file; choose another --out")
+
+
+def merge_checkpoint(
+    model_path: str | Path,
+    loras: Sequence[tuple[LoRAFile, float]],
+    out_path: str | Path,
+    *,
+    dtype: str = "keep",
+    device: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, object]:
+    """Write `out_path` = the checkpoint with the LoRAs merged; returns a summary for the caller."""
+    out_path = Path(out_path)
+    if dtype not in OUTPUT_DTYPES:
+        raise LoRAOpsError(f"unknown --dtype {dtype!r}; choose one of {', '.join(OUTPUT_DTYPES)} (or fp8)")
+    refuse_overwriting_inputs(out_path, [Path(model_path), *(lora.path for lora, _ in loras)])
+    model = open_flux_checkpoint(model_path)
+    shapes = {strip_model_prefix(k)[1]: model.shape(k) for k in model.keys()}
+    for lora, _ in loras:
+        check_fits(lora, shapes.get, model_name=str(model_path))
+    out_dtype = OUTPUT_DTYPES[dtype]
+    targets = {t for lora, _ in loras for t in lora.targets}
+
+    def stored_dtype(key: str) -> torch.dtype:
+        own = model.dtype(key)
+        return out_dtype if (out_dtype is not None and own.is_floating_point) else own
+
+    plan = [(key, stored_dtype(key), model.shape(key)) for key in model.keys()]
+    metadata = dict(model.metadata)
+    metadata["lora_ops.merged"] = json.dumps(
+        [{"file": lora.path.name, "format": lora.format, "strength": s} for lora, s in loras]
+    )
+    if out_dtype is not None:
+        metadata["lora_ops.dtype"] = dtype
+    total = len(plan)
+    merged = 0
+    options = MergeOptions(exact_undo=False, compute_device=device)
+    with StreamingWriter(out_path, plan, metadata) as writer:
+        for i, (key, want, _) in enumerate(plan):
+            tensor = model.get(key)
+            name = strip_model_prefix(key)[1]
+            if name in targets:
+                work = tensor.float() if want != tensor.dtype else tensor
+                merge_loras({name: work}, [(lora.only({name}), s) for lora, s in loras], options=options)
+                tensor = work
+                merged += 1
+            writer.write(key, tensor.to(want))
+            if progress is not None:
+                progress(i + 1, total)
+    return {"out": str(out_path), "tensors": total, "merged": merged, "dtype": dtype}
