@@ -11,7 +11,6 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 
 from .errors import LoRAOpsError
 from .formats import LoRAFile, describe, load_lora
@@ -79,7 +78,8 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", action="append", required=True, metavar="PATH[:STRENGTH]", help="repeat for a stack")
     p.add_argument("--out", required=True, help="output .safetensors (never an input file)")
     p.add_argument("--dtype", default="keep", help="keep | bf16 | fp16 | fp32 | fp8")
-    p.add_argument("--policy", default="default", help="fp8 layer policy (with --dtype fp8)")
+    p.add_argument("--policy", default="default", help="fp8 layer policy (with --dtype fp8): default | quality | all")
+    _fp8_args(p)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda: where the merge math runs")
     p.add_argument("--legacy-split-qkv", action="store_true", help="read kohya split_qkv files the old, weak way")
 
@@ -101,7 +101,8 @@ def _merge(args: argparse.Namespace) -> int:
     if args.dtype == "fp8":
         from .fp8 import merge_checkpoint_fp8
 
-        summary = merge_checkpoint_fp8(args.model, stack, args.out, policy=args.policy, device=_device(args.device))
+        summary = merge_checkpoint_fp8(args.model, stack, args.out, policy=args.policy, device=_device(args.device),
+                                       rounding=args.rounding, seed=args.seed, fp8_matmul=args.fp8_matmul)
     else:
         summary = merge_checkpoint(args.model, stack, args.out, dtype=args.dtype, device=_device(args.device))
     print(f"wrote {summary['out']}: {summary['merged']} of {summary['tensors']} tensors merged "
@@ -120,6 +121,65 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     return run_demo(blocks=args.blocks, rank=args.rank, device=_device(args.device) or "cpu")
+
+
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="flux-dev", help="flux-dev | flux-schnell | a checkpoint (header only)")
+    p.add_argument("--dtype", default=None,
+                   help="bf16 | fp16 | fp32 | fp8 | fp8-default | fp8-quality (default: bf16, or as stored)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH", help="LoRA file; repeat for a stack")
+    p.add_argument("--lora-rank", type=int, default=None, help="or: a kohya LoRA of this rank on the block Linears")
+    p.add_argument("--mode", default="unmerged", help="unmerged (kohya runtime LoRA) | merged")
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--cfg", action="store_true", help="true CFG with a negative prompt (doubles the batch)")
+    p.add_argument("--t5", default="bf16", help="bf16 | fp8 | offload")
+    p.add_argument("--clip", default="bf16", help="bf16 | offload")
+    p.add_argument("--vae", default="bf16", help="bf16 | offload")
+    p.add_argument("--card", type=float, default=None, help="card memory in GiB (default: the current CUDA device)")
+    p.add_argument("--text-tokens", type=int, default=512)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+@command("plan", _plan_args)
+def _plan(args: argparse.Namespace) -> int:
+    from .planner import PlanRequest, plan
+
+    result = plan(PlanRequest(
+        model=args.model, dtype=args.dtype, loras=tuple(args.lora), lora_rank=args.lora_rank, mode=args.mode,
+        width=args.width, height=args.height, batch=args.batch, cfg=args.cfg, t5=args.t5, clip=args.clip,
+        vae=args.vae, card_gib=args.card, text_tokens=args.text_tokens,
+    ))
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.format_table())
+    return 0
+
+
+def _fp8_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rounding", default="nearest", choices=("nearest", "stochastic"), help="fp8 rounding")
+    p.add_argument("--seed", type=int, default=0, help="seed for --rounding stochastic (mixed with each key name)")
+    p.add_argument("--fp8-matmul", action="store_true",
+                   help="mark the file so ComfyUI may run fp8 matmuls (activations cast to fp8 too)")
+
+
+def _cast_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="Flux checkpoint (bf16/fp16/fp32, or fp8 to re-cast)")
+    p.add_argument("--out", required=True, help="output scaled-fp8 .safetensors (never the input)")
+    p.add_argument("--policy", default="default", help="default | quality | all (see lora_ops.fp8.PRESETS)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda: where the quantisation math runs")
+    _fp8_args(p)
+
+
+@command("cast", _cast_args)
+def _cast(args: argparse.Namespace) -> int:
+    from .fp8 import merge_checkpoint_fp8
+
+    start = time.perf_counter()
+    summary = merge_checkpoint_fp8(args.model, [], args.out, policy=args.policy, device=_device(args.device),
+                                   rounding=args.rounding, seed=args.seed, fp8_matmul=args.fp8_matmul)
+    print(f"wrote {summary['out']}: {summary['fp8_tensors']} of {summary['tensors']} tensors in fp8 "
+          f"(policy {summary['policy']}), {summary['bytes'] / 2**30:.2f} GiB in {time.perf_counter() - start:.1f} s")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

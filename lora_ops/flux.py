@@ -96,7 +96,7 @@ def strip_model_prefix(key: str) -> tuple[str, str]:
     """Split a checkpoint key into (prefix, BFL name); the prefix is "" for bare BFL names."""
     for prefix in MODEL_PREFIXES:
         if key.startswith(prefix):
-            return prefix, key[len(prefix):]
+            return prefix, key[len(prefix) :]
     return "", key
 
 
@@ -107,7 +107,7 @@ def is_flux_state_dict(keys: Iterable[str]) -> bool:
 
 
 def _count_blocks(names: Iterable[str], prefix: str) -> int:
-    indices = {int(n[len(prefix):].split(".", 1)[0]) for n in names if n.startswith(prefix)}
+    indices = {int(n[len(prefix) :].split(".", 1)[0]) for n in names if n.startswith(prefix)}
     return max(indices) + 1 if indices else 0
 
 
@@ -115,7 +115,9 @@ def shape_from_state_dict(shapes: Mapping[str, tuple[int, ...]]) -> FluxShape:
     """Recover the FluxShape of a checkpoint from its tensor shapes (keys with or without prefix)."""
     named = {strip_model_prefix(k)[1]: tuple(v) for k, v in shapes.items()}
     if not is_flux_state_dict(named):
-        raise ValueError("not a Flux checkpoint: it has no double_blocks.0.img_attn.norm.key_norm.scale / img_in.weight")
+        raise ValueError(
+            "not a Flux checkpoint: it has no double_blocks.0.img_attn.norm.key_norm.scale / img_in.weight"
+        )
     hidden, in_channels = named["img_in.weight"]
     head_dim = named["double_blocks.0.img_attn.norm.key_norm.scale"][0]
     depth = _count_blocks(named, "double_blocks.")
@@ -142,8 +144,10 @@ def shape_from_state_dict(shapes: Mapping[str, tuple[int, ...]]) -> FluxShape:
 
 def is_block_linear(name: str) -> bool:
     """True for the large Linear weights inside double and single blocks."""
-    return name.endswith(".weight") and (name.startswith("double_blocks.") or name.startswith("single_blocks.")) and (
-        not name.endswith("_norm.scale")
+    return (
+        name.endswith(".weight")
+        and (name.startswith("double_blocks.") or name.startswith("single_blocks."))
+        and (not name.endswith("_norm.scale"))
     )
 
 

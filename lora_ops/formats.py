@@ -18,9 +18,13 @@ from pathlib import Path
 
 import torch
 
-from .adapters import DoRA, LoHa, LoKr, LoRA, Adapter, Diff, SetWeight
+from .adapters import Adapter, Diff, DoRA, LoHa, LoKr, LoRA, SetWeight, _as_matrix
 from .errors import LoRAFormatError, LoRAFormatWarning, ModelMismatchError
+from .flux import is_flux_state_dict
 from .safetensors_io import SafetensorsFile
+
+#: What to do about a LoRA file whose factors are broken (appended to those errors).
+FIX_BROKEN = "The file is corrupt or was saved by a broken tool: download or export it again."
 
 # ---------------------------------------------------------------------------------------------
 # Module names
@@ -28,7 +32,11 @@ from .safetensors_io import SafetensorsFile
 
 #: BFL Linear modules LoRAs target; {i} is a block index.
 BFL_MODULES = [
-    *(f"double_blocks.{{i}}.{s}_{m}" for s in ("img", "txt") for m in ("mod.lin", "attn.qkv", "attn.proj", "mlp.0", "mlp.2")),
+    *(
+        f"double_blocks.{{i}}.{s}_{m}"
+        for s in ("img", "txt")
+        for m in ("mod.lin", "attn.qkv", "attn.proj", "mlp.0", "mlp.2")
+    ),
     "single_blocks.{i}.linear1",
     "single_blocks.{i}.linear2",
     "single_blocks.{i}.modulation.lin",
@@ -66,7 +74,11 @@ DIFFUSERS_MODULES: list[tuple[str, str, object]] = [
     ("context_embedder", "txt_in", None),
     *(
         (f"time_text_embed.{d}.linear_{n}", f"{b}.{layer}", None)
-        for d, b in (("timestep_embedder", "time_in"), ("text_embedder", "vector_in"), ("guidance_embedder", "guidance_in"))
+        for d, b in (
+            ("timestep_embedder", "time_in"),
+            ("text_embedder", "vector_in"),
+            ("guidance_embedder", "guidance_in"),
+        )
         for n, layer in ((1, "in_layer"), (2, "out_layer"))
     ),
     ("proj_out", "final_layer.linear", None),
@@ -120,7 +132,16 @@ class Resolved:
     slot: object = None
 
 
-TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "text_encoder", "text_encoders.", "te1.", "te2.")
+TEXT_ENCODER_PREFIXES = (
+    "lora_te_",
+    "lora_te1_",
+    "lora_te2_",
+    "lora_te3_",
+    "text_encoder",
+    "text_encoders.",
+    "te1.",
+    "te2.",
+)
 
 # (scheme, prefixes to strip, table). Order matters only for the prefix; the tables do not overlap.
 _SCHEMES: list[tuple[str, tuple[str, ...], list]] = [
@@ -141,7 +162,7 @@ def resolve_module(name: str) -> Resolved | None:
     for scheme, prefixes, table in _SCHEMES:
         for prefix in prefixes:
             if name.startswith(prefix):
-                hit = _match(table, name[len(prefix):])
+                hit = _match(table, name[len(prefix) :])
                 if hit:
                     return Resolved(scheme, *hit)
     return None
@@ -265,15 +286,24 @@ def _guess_architecture(keys: list[str]) -> str:
 
 
 def _scalar(t: torch.Tensor, path: Path, key: str) -> float:
-    if t.numel() != 1 or t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int32, torch.int64):
-        raise LoRAFormatError(f"{path}: {key!r} should be a single number (alpha), got shape {tuple(t.shape)} {t.dtype}")
+    if t.numel() != 1 or t.dtype not in (
+        torch.float16,
+        torch.bfloat16,
+        torch.float32,
+        torch.float64,
+        torch.int32,
+        torch.int64,
+    ):
+        raise LoRAFormatError(
+            f"{path}: {key!r} should be a single number (alpha), got shape {tuple(t.shape)} {t.dtype}. {FIX_BROKEN}"
+        )
     value = float(t.reshape(()).item())
     if not value == value or value in (float("inf"), float("-inf")):
-        raise LoRAFormatError(f"{path}: alpha {key!r} is {value}; the LoRA is broken")
+        raise LoRAFormatError(f"{path}: alpha {key!r} is {value}, not a finite number. {FIX_BROKEN}")
     if value <= 0:
         raise LoRAFormatError(
             f"{path}: alpha {key!r} is {value}; a LoRA alpha must be positive (0 would make the LoRA do nothing). "
-            "The file is corrupt or was saved by a broken tool."
+            f"{FIX_BROKEN}"
         )
     return value
 
@@ -332,45 +362,112 @@ def _block_diagonal_parts(up: torch.Tensor, down: torch.Tensor, module: str) -> 
     return parts
 
 
+def _check_factor(path: Path, key: str, t: torch.Tensor) -> None:
+    """A factor must be floating point and finite (checked here so the error names the exact key)."""
+    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise LoRAFormatError(
+            f"{path}: {key!r} has dtype {t.dtype}; LoRA factors must be floating point (fp16/bf16/fp32). {FIX_BROKEN}"
+        )
+    if not bool(torch.isfinite(t).all()):
+        raise LoRAFormatError(
+            f"{path}: {key!r} contains NaN or Inf; the LoRA is broken (often a diverged training run) and cannot be "
+            "merged. Use another checkpoint of the training run."
+        )
+
+
+def _matrix(path: Path, key: str, t: torch.Tensor) -> torch.Tensor:
+    m = _as_matrix(t)
+    if m.dim() != 2:
+        raise LoRAFormatError(
+            f"{path}: {key!r} has shape {tuple(t.shape)}; a Flux LoRA factor is a matrix (this looks like a "
+            "convolution LoRA for another model; Flux has no convolutions). Use a Flux LoRA."
+        )
+    return m
+
+
 def _build_adapter(
-    path: Path, module: str, factors: dict[str, torch.Tensor], alpha: float | None, family: str
+    path: Path,
+    module: str,
+    factors: dict[str, torch.Tensor],
+    alpha: float | None,
+    family: str,
+    names: dict[str, str] | None = None,
 ) -> Adapter:
-    """One adapter from the factors of one module."""
-    keys = tuple(f"{module}.{k}" for k in factors)
+    """One adapter from the factors of one module; `names` maps each factor to its key in the file."""
+    names = names or {k: f"{module}.{k}" for k in factors}
+    keys = tuple(names[k] for k in factors)
     if family == "lora":
         if set(factors) != {"up", "down"}:
             missing = {"up", "down"} - set(factors)
-            raise LoRAFormatError(f"{path}: module {module!r} has no {' / '.join(sorted(missing))} factor")
-        up, down = factors["up"], factors["down"]
-        if up.dim() < 2 or down.dim() < 2:
-            raise LoRAFormatError(f"{path}: {module!r}: LoRA factors must be matrices, got {tuple(up.shape)} and {tuple(down.shape)}")
+            raise LoRAFormatError(
+                f"{path}: {keys[0]!r} has no matching {' / '.join(sorted(missing))} factor in the file "
+                f"(module {module!r}). {FIX_BROKEN}"
+            )
+        up, down = _matrix(path, names["up"], factors["up"]), _matrix(path, names["down"], factors["down"])
         if up.shape[1] != down.shape[0]:
             raise LoRAFormatError(
-                f"{path}: {module!r}: up is {tuple(up.shape)} but down is {tuple(down.shape)}; their ranks "
-                f"({up.shape[1]} vs {down.shape[0]}) disagree, so the file is corrupt."
+                f"{path}: {names['up']!r} is {tuple(up.shape)} but {names['down']!r} is {tuple(down.shape)}; their "
+                f"ranks ({up.shape[1]} vs {down.shape[0]}) disagree. {FIX_BROKEN}"
             )
         rank = down.shape[0]
         if rank == 0:
-            raise LoRAFormatError(f"{path}: {module!r} has rank 0")
+            raise LoRAFormatError(
+                f"{path}: {names['down']!r} and {names['up']!r} have rank 0 (shapes {tuple(down.shape)}, "
+                f"{tuple(up.shape)}), so the LoRA changes nothing. {FIX_BROKEN}"
+            )
         return LoRA(up, down, source_keys=keys, scale=(alpha / rank) if alpha is not None else 1.0)
     if family == "loha":
-        rank = factors["w1_b"].shape[0] if "w1_b" in factors else 0
+        rank = factors["w1_b"].shape[0] if "w1_b" in factors and factors["w1_b"].dim() else 0
         if not {"w1_a", "w1_b", "w2_a", "w2_b"} <= set(factors) or rank == 0:
-            raise LoRAFormatError(f"{path}: LoHa module {module!r} lacks hada_w1_a/w1_b/w2_a/w2_b or has rank 0")
+            raise LoRAFormatError(
+                f"{path}: LoHa module {module!r} lacks hada_w1_a/w1_b/w2_a/w2_b or has rank 0. {FIX_BROKEN}"
+            )
+        if "t1" not in factors and "t2" not in factors:
+            w1a, w1b, w2a, w2b = (_matrix(path, names[n], factors[n]) for n in ("w1_a", "w1_b", "w2_a", "w2_b"))
+            if (
+                w1a.shape[1] != w1b.shape[0]
+                or w2a.shape[1] != w2b.shape[0]
+                or w1a.shape[0] != w2a.shape[0]
+                or (w1b.shape[1] != w2b.shape[1])
+            ):
+                shapes = ", ".join(f"{names[n]} {tuple(factors[n].shape)}" for n in ("w1_a", "w1_b", "w2_a", "w2_b"))
+                raise LoRAFormatError(f"{path}: LoHa factors do not fit together ({shapes}). {FIX_BROKEN}")
         return LoHa(
-            factors["w1_a"], factors["w1_b"], factors["w2_a"], factors["w2_b"], factors.get("t1"), factors.get("t2"),
-            source_keys=keys, scale=(alpha / rank) if alpha is not None else 1.0,
+            factors["w1_a"],
+            factors["w1_b"],
+            factors["w2_a"],
+            factors["w2_b"],
+            factors.get("t1"),
+            factors.get("t2"),
+            source_keys=keys,
+            scale=(alpha / rank) if alpha is not None else 1.0,
         )
     if family == "lokr":
         has_w1 = "w1" in factors or {"w1_a", "w1_b"} <= set(factors)
         has_w2 = "w2" in factors or {"w2_a", "w2_b"} <= set(factors)
         if not (has_w1 and has_w2):
-            raise LoRAFormatError(f"{path}: LoKr module {module!r} lacks its w1 or w2 factor")
+            raise LoRAFormatError(f"{path}: LoKr module {module!r} lacks its w1 or w2 factor. {FIX_BROKEN}")
         for name, t in factors.items():
             if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-                raise LoRAFormatError(f"{path}: LoKr factor {module}.lokr_{name} has dtype {t.dtype}, not floating point")
-        return LoKr.from_factors(factors, alpha, source_keys=keys)
+                raise LoRAFormatError(f"{path}: LoKr factor {names[name]!r} has dtype {t.dtype}, not floating point")
+        try:
+            return LoKr.from_factors(factors, alpha, source_keys=keys)
+        except (RuntimeError, IndexError) as e:
+            shapes = ", ".join(f"{names[n]} {tuple(t.shape)}" for n, t in factors.items())
+            raise LoRAFormatError(f"{path}: LoKr factors do not fit together ({shapes}): {e}. {FIX_BROKEN}") from None
     return Diff(factors["diff"], source_keys=keys, scale=1.0)
+
+
+def _check_dora(path: Path, key: str, magnitude: torch.Tensor, rows: int, cols: int) -> None:
+    """DoRA's magnitude is one value per input column (1, in) or per output row (out, 1)."""
+    fits = magnitude.dim() >= 1 and (
+        (magnitude.shape[0] == 1 and magnitude.numel() == cols) or (magnitude.numel() == rows)
+    )
+    if not fits:
+        raise LoRAFormatError(
+            f"{path}: DoRA magnitude {key!r} has shape {tuple(magnitude.shape)}, but its LoRA makes a {rows}x{cols} "
+            f"change (expected (1, {cols}) or ({rows}, 1)). {FIX_BROKEN}"
+        )
 
 
 def _place(adapter: Adapter, resolved: Resolved, path: Path, module: str) -> Adapter | None:
@@ -405,6 +502,11 @@ def load_lora(
     """
     path = Path(path)
     st = SafetensorsFile(path)
+    if is_flux_state_dict(st.keys()):
+        raise LoRAFormatError(
+            f"{path}: this is a Flux model checkpoint ({len(st.keys())} tensors with full weights such as "
+            "'img_in.weight'), not a LoRA. Give it as the model and a LoRA file as the LoRA."
+        )
     tensors = dict(st.iter_tensors())
     coverage = Coverage()
     modules: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
@@ -430,6 +532,7 @@ def load_lora(
     split_flag = _uses_split_qkv(st.metadata)
     targets: dict[str, list[Adapter]] = {}
     schemes: set[str] = set()
+    no_alpha: list[str] = []
     for module, parts in modules.items():
         if "set" in parts:
             key, value = parts["set"]
@@ -449,31 +552,55 @@ def load_lora(
         if "alpha" in parts:
             alpha = _scalar(parts["alpha"][1], path, parts["alpha"][0])
         families: dict[str, dict[str, torch.Tensor]] = {}
+        names: dict[str, dict[str, str]] = {}
         for suffix, (key, tensor) in parts.items():
             family, name = SUFFIXES[suffix]
+            if name in names.get(family, {}):
+                raise LoRAFormatError(
+                    f"{path}: {names[family][name]!r} and {key!r} are the same factor of {module!r} under two "
+                    "naming schemes; the file mixes two copies of a LoRA. Remove one set of keys."
+                )
+            if suffix != "alpha":
+                _check_factor(path, key, tensor)
             families.setdefault(family, {})[name] = tensor
+            names.setdefault(family, {})[name] = key
         families.pop("meta", None)
         built: list[tuple[Adapter, str]] = []
         for family, factors in families.items():
             suffix_target = ".bias" if family == "bias" else ".weight"
-            adapter = _build_adapter(path, module, factors, alpha, family)
+            adapter = _build_adapter(path, module, factors, alpha, family, names[family])
             if family == "lora" and alpha is None:
                 if module in peft_pattern:
                     adapter.scale = peft_pattern[module] / adapter.rank
                 elif peft_scale is not None:
                     adapter.scale = peft_scale
+                else:
+                    no_alpha.append(module)
             built.append((adapter, suffix_target))
         dora = parts.get("dora_scale")
+        if dora is not None:
+            for adapter, suffix_target in built:
+                if suffix_target == ".weight":
+                    _check_dora(path, dora[0], dora[1], *adapter.shape)
         for adapter, suffix_target in built:
             placed = _place(adapter, resolved, path, module)
             if placed is None:
                 for k in keys:
-                    coverage.unmapped[k] = f"{adapter.kind} on {module!r} needs a scale/shift row swap, supported for LoRA and diff only"
+                    coverage.unmapped[k] = (
+                        f"{adapter.kind} on {module!r} needs a scale/shift row swap, supported for LoRA and diff only"
+                    )
                 continue
             adapters = [placed]
             if dora is not None and suffix_target == ".weight":
-                adapters = [DoRA(placed, dora[1], source_keys=placed.source_keys + (dora[0],), scale=1.0,
-                                 row_offset=placed.row_offset)]
+                adapters = [
+                    DoRA(
+                        placed,
+                        dora[1],
+                        source_keys=placed.source_keys + (dora[0],),
+                        scale=1.0,
+                        row_offset=placed.row_offset,
+                    )
+                ]
             elif (
                 isinstance(placed, LoRA)
                 and resolved.scheme in ("kohya", "lycoris")
@@ -486,6 +613,11 @@ def load_lora(
             for k in keys:
                 coverage.mapped[k] = target
 
+    if no_alpha and targets:
+        coverage.notes.append(
+            f"{len(no_alpha)} LoRA module(s) have no alpha (e.g. {no_alpha[0]!r}); applied with scale 1 "
+            "(alpha = rank), as for files that fold alpha into the factors"
+        )
     _check_overlaps(path, targets)
     if not targets:
         what = _guess_architecture(list(tensors))
@@ -511,7 +643,12 @@ def load_lora(
 
 
 def _fix_split_qkv(
-    lora: LoRA, module: str, resolved: Resolved, alpha: float | None, split_flag: bool | None, path: Path,
+    lora: LoRA,
+    module: str,
+    resolved: Resolved,
+    alpha: float | None,
+    split_flag: bool | None,
+    path: Path,
     coverage: Coverage,
 ) -> list[Adapter]:
     """kohya split_qkv files store q,k,v(,mlp) as one block-diagonal LoRA but keep the per-split alpha.
@@ -531,8 +668,13 @@ def _fix_split_qkv(
     out: list[Adapter] = []
     for row0, rows, col0, cols in parts:
         out.append(
-            LoRA(lora.up[row0 : row0 + rows, col0 : col0 + cols], lora.down[col0 : col0 + cols],
-                 source_keys=lora.source_keys, scale=alpha / cols, row_offset=lora.row_offset + row0)
+            LoRA(
+                lora.up[row0 : row0 + rows, col0 : col0 + cols],
+                lora.down[col0 : col0 + cols],
+                source_keys=lora.source_keys,
+                scale=alpha / cols,
+                row_offset=lora.row_offset + row0,
+            )
         )
     note = (
         f"{module}: kohya split_qkv layout (block-diagonal, {len(parts)} splits, alpha {alpha:g}); "

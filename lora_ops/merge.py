@@ -37,28 +37,95 @@ class Codec:
 
     The default stores in the tensor's own float dtype with round-to-nearest. fp8 codecs with
     scales plug in here (see lora_ops.fp8).
+
+    `role` names the encoding meant, for codecs whose encoding changes during a merge (an fp8 weight
+    that gets a fresh scale): "current" = the bits stored before this call writes them, "new" = what
+    this call writes, "base" = the original, LoRA-free weight (the journal's truth). Hooks, once per
+    weight: `begin` after DoRA norms and before the first tile is written (`job.merged_rows(r0, r1)`
+    already gives the fp32 result), `commit` after its last tile, `rollback` after its tiles were undone.
     """
 
     def __init__(self, dtype: torch.dtype) -> None:
         self.dtype = dtype
 
-    def decode(self, stored: torch.Tensor) -> torch.Tensor:
+    def decode(self, stored: torch.Tensor, role: str = "current") -> torch.Tensor:
         return stored.float()
 
-    def encode(self, values: torch.Tensor, key: str, row0: int) -> torch.Tensor:
+    def encode(self, values: torch.Tensor, key: str, row0: int, role: str = "new") -> torch.Tensor:
         return values.to(self.dtype)
+
+    def begin(self, job: _KeyJob, tile_rows: int) -> None:
+        pass
+
+    def commit(self) -> None:
+        pass
+
+    def rollback(self) -> None:
+        pass
 
 
 @dataclass
-class Journal:
-    """Exact values that undo cannot recover by subtraction, for one weight (CPU)."""
+class _Segment:
+    start: int  # flat range [start, stop) of the weight this segment covers
+    stop: int
+    index: torch.Tensor | None  # sorted absolute flat int32 indices; None = dense (every element)
+    values: torch.Tensor  # original values in the storage dtype
 
-    index: torch.Tensor  # sorted flat int32 indices into the weight
-    values: torch.Tensor  # original values, storage dtype
+
+class Journal:
+    """Exact values that undo cannot recover by subtraction, for one weight (kept on the CPU).
+
+    Per tile, the journal stores whichever is smaller: the elements that differ (int32 index +
+    value) or the whole tile's values. So it never exceeds the weight's own size plus nothing,
+    and for realistic LoRAs (ΔW of a few % of W) it is a few % of it.
+    """
+
+    def __init__(self) -> None:
+        self.segments: list[_Segment] = []
 
     @property
     def nbytes(self) -> int:
-        return self.index.numel() * 4 + self.values.numel() * self.values.element_size()
+        return sum(
+            (0 if s.index is None else s.index.numel() * 4) + s.values.numel() * s.values.element_size()
+            for s in self.segments
+        )
+
+    @property
+    def entries(self) -> int:
+        return sum(s.values.numel() for s in self.segments)
+
+    def add(self, start: int, bad: torch.Tensor, truth: torch.Tensor) -> None:
+        """Record `truth` where `bad` (flat masks of one tile starting at flat `start`)."""
+        flat = torch.nonzero(bad).squeeze(1)
+        count = flat.numel()
+        if not count:
+            return
+        item = truth.element_size()
+        if count * (4 + item) >= truth.numel() * item:
+            self.segments.append(_Segment(start, start + truth.numel(), None, truth.to("cpu", copy=True)))
+        else:
+            index = (flat + start).to("cpu", torch.int32)
+            self.segments.append(_Segment(start, start + truth.numel(), index, truth[flat].cpu()))
+
+    def lookup(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(local int64 indices, values) of the recorded elements in flat range [lo, hi)."""
+        indices, values = [], []
+        for seg in self.segments:
+            if seg.stop <= lo or seg.start >= hi:
+                continue
+            a, b = max(lo, seg.start), min(hi, seg.stop)
+            if seg.index is None:
+                indices.append(torch.arange(a - lo, b - lo))
+                values.append(seg.values[a - seg.start : b - seg.start])
+            else:
+                i0 = int(torch.searchsorted(seg.index, a))
+                i1 = int(torch.searchsorted(seg.index, b))
+                if i0 < i1:
+                    indices.append(seg.index[i0:i1].long() - lo)
+                    values.append(seg.values[i0:i1])
+        if not indices:
+            return None
+        return torch.cat(indices), torch.cat(values)
 
 
 @dataclass
@@ -68,6 +135,7 @@ class MergeState:
     stack: list[tuple[LoRAFile, float]] = field(default_factory=list)
     journals: dict[str, Journal] = field(default_factory=dict)
     dora_norms: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+    codec_state: dict[str, object] = field(default_factory=dict)  # what codecs keep between calls (fp8 base scales)
 
     @property
     def journal_bytes(self) -> int:
@@ -139,10 +207,8 @@ class _KeyJob:
         self.new_linear = not any(a.needs_base for a, _, _ in self.new)
         self.journal = journal
         self.state = state
-        self.new_index: list[torch.Tensor] = []
-        self.new_values: list[torch.Tensor] = []
-        self.undo_index: list[torch.Tensor] = []
-        self.undo_values: list[torch.Tensor] = []
+        self.new_journal = Journal()
+        self.undo_journal = Journal()
         self.written: list[tuple[int, int]] = []
         for dev_adapter, _, original in self.old:
             if isinstance(dev_adapter, DoRA):
@@ -174,8 +240,8 @@ class _KeyJob:
         return stored - self._delta(terms, r0, r1, estimate)
 
     # --- tiles --------------------------------------------------------------------------------
-    def _read(self, r0: int, r1: int) -> torch.Tensor:
-        return self.codec.decode(self.matrix[r0:r1].to(self.device))
+    def _read(self, r0: int, r1: int, role: str = "current") -> torch.Tensor:
+        return self.codec.decode(self.matrix[r0:r1].to(self.device), role)
 
     def _fix(self, stored: torch.Tensor, fix) -> torch.Tensor:
         if fix is not None:
@@ -187,9 +253,15 @@ class _KeyJob:
         current = self._read(r0, r1)
         if not self.old:
             return current, self.matrix[r0:r1].to(self.device)
-        stored = self.codec.encode(self._before(current, self.old, self.old_linear, r0, r1), self.key, r0)
-        stored = self._fix(stored, _journal_rows(self.journal, r0, r1, self.matrix.shape[1]))
-        return self.codec.decode(stored), stored
+        stored = self.codec.encode(self._before(current, self.old, self.old_linear, r0, r1), self.key, r0, "base")
+        cols = self.matrix.shape[1]
+        stored = self._fix(stored, self.journal.lookup(r0 * cols, r1 * cols) if self.journal else None)
+        return self.codec.decode(stored, "base"), stored
+
+    def merged_rows(self, r0: int, r1: int) -> torch.Tensor:
+        """fp32 rows [r0, r1) as this call will write them, before rounding; writes nothing."""
+        base, _ = self.base_rows(r0, r1)
+        return base + self._delta(self.new, r0, r1, base)
 
     def prepare_norms(self, tile_rows: int) -> None:
         doras = [a for a, _, _ in self.new if isinstance(a, DoRA) and a.per_column]
@@ -209,77 +281,50 @@ class _KeyJob:
         current_stored = self.matrix[r0:r1].to(self.device, copy=True) if self.old else None
         base, base_stored = self.base_rows(r0, r1)
         delta = self._delta(self.new, r0, r1, base)
-        out_stored = self.codec.encode(base + delta, self.key, r0)
+        out_stored = self.codec.encode(base + delta, self.key, r0, "new")
         if self.exact_undo and (self.new or self.old):
-            out = self.codec.decode(out_stored)
+            out = self.codec.decode(out_stored, "new")
             if self.new:
                 before = self._before(out, self.new, self.new_linear, r0, r1, delta if self.new_linear else None)
-                self._record(self.new_index, self.new_values, before, base_stored, r0)
+                self._record(self.new_journal, before, base_stored, r0, "base")
             if self.old:
                 before = self._before(out, self.new, self.new_linear, r0, r1, delta if self.new_linear else None)
                 old_delta = self._delta(self.old, r0, r1, before)
-                self._record(self.undo_index, self.undo_values, before + old_delta, current_stored, r0)
+                self._record(self.undo_journal, before + old_delta, current_stored, r0, "current")
         self.matrix[r0:r1].copy_(out_stored)
         self.written.append((r0, r1))
 
-    def _record(self, index_list, value_list, estimate: torch.Tensor, truth: torch.Tensor, r0: int) -> None:
-        recovered = self.codec.encode(estimate, self.key, r0)
+    def _record(self, journal: Journal, estimate: torch.Tensor, truth: torch.Tensor, r0: int, role: str) -> None:
+        recovered = self.codec.encode(estimate, self.key, r0, role)
         if recovered.dtype.itemsize == 1:
             bad = recovered.view(torch.uint8) != truth.view(torch.uint8)
         else:
             bad = recovered != truth
-        flat = torch.nonzero(bad.view(-1)).squeeze(1)
-        if flat.numel():
-            index_list.append((flat + r0 * self.matrix.shape[1]).to("cpu", torch.int32))
-            value_list.append(truth.reshape(-1)[flat].cpu())
+        journal.add(r0 * self.matrix.shape[1], bad.view(-1), truth.reshape(-1))
 
     def undo_tile(self, r0: int, r1: int) -> None:
         """Put back the bits this call replaced in rows [r0, r1)."""
-        out = self._read(r0, r1)
+        out = self._read(r0, r1, "new")
         estimate = self._before(out, self.new, self.new_linear, r0, r1)
+        cols = self.matrix.shape[1]
         if self.old:
             estimate = estimate + self._delta(self.old, r0, r1, estimate)
-            fix = _rows_of(self.undo_index, self.undo_values, r0, r1, self.matrix.shape[1])
-        else:
-            fix = _rows_of(self.new_index, self.new_values, r0, r1, self.matrix.shape[1])
-        self.matrix[r0:r1].copy_(self._fix(self.codec.encode(estimate, self.key, r0), fix))
+        fix = (self.undo_journal if self.old else self.new_journal).lookup(r0 * cols, r1 * cols)
+        role = "current" if self.old else "base"
+        self.matrix[r0:r1].copy_(self._fix(self.codec.encode(estimate, self.key, r0, role), fix))
 
     def rollback(self) -> None:
         for r0, r1 in reversed(self.written):
             self.undo_tile(r0, r1)
         self.written.clear()
+        self.codec.rollback()
 
     def finished_journal(self) -> Journal | None:
-        if not self.new:
-            return None
-        if self.new_index:
-            return Journal(torch.cat(self.new_index), torch.cat(self.new_values))
-        return Journal(torch.zeros(0, dtype=torch.int32), torch.zeros(0, dtype=self.matrix.dtype))
-
-
-def _journal_rows(journal: Journal | None, r0: int, r1: int, cols: int):
-    if journal is None or journal.index.numel() == 0:
-        return None
-    lo = int(torch.searchsorted(journal.index, r0 * cols))
-    hi = int(torch.searchsorted(journal.index, r1 * cols))
-    if lo == hi:
-        return None
-    return journal.index[lo:hi] - r0 * cols, journal.values[lo:hi]
+        return self.new_journal if self.new else None
 
 
 def _negated(terms):
     return [(a, -c, o) for a, c, o in terms]
-
-
-def _rows_of(index_list, value_list, r0: int, r1: int, cols: int):
-    if not index_list:
-        return None
-    index = torch.cat(index_list)
-    values = torch.cat(value_list)
-    keep = (index >= r0 * cols) & (index < r1 * cols)
-    if not bool(keep.any()):
-        return None
-    return index[keep] - r0 * cols, values[keep]
 
 
 def _tiles(rows: int, tile_rows: int) -> Iterator[tuple[int, int]]:
@@ -333,20 +378,23 @@ def restore(target, state: MergeState, **kw) -> MergeState:
     return merge_loras(target, [], state=state, **kw)
 
 
-def _merge_once(target, loras, state: MergeState, budget: int, options: MergeOptions, report: MergeReport) -> MergeState:
+def _merge_once(
+    target, loras, state: MergeState, budget: int, options: MergeOptions, report: MergeReport
+) -> MergeState:
     weights = weight_map(target)
     shape_of = lambda key: tuple(weights[key].shape) if key in weights else None  # noqa: E731
     for lora, _ in loras:
         check_fits(lora, shape_of)
     old_terms = terms_by_target(state.stack)
     new_terms = terms_by_target(loras)
-    keys = [k for k in dict.fromkeys([*old_terms, *new_terms]) if not _same_terms(old_terms.get(k, []), new_terms.get(k, []))]
+    touched = dict.fromkeys([*old_terms, *new_terms])
+    keys = [k for k in touched if not _same_terms(old_terms.get(k, []), new_terms.get(k, []))]
     for key in keys:
         if key not in weights:
             raise ModelMismatchError(f"the merged state names {key!r}, which the model does not have")
     total = sum(weights[k].numel() for k in keys)
     done = 0
-    new_state = MergeState(list(loras), dict(state.journals), dict(state.dora_norms))
+    new_state = MergeState(list(loras), dict(state.journals), dict(state.dora_norms), dict(state.codec_state))
     finished: list[_KeyJob] = []
     job = None
     try:
@@ -359,12 +407,14 @@ def _merge_once(target, loras, state: MergeState, budget: int, options: MergeOpt
             cols = job.matrix.shape[1]
             rows_per_tile = tile_rows_for(cols, budget)
             job.prepare_norms(rows_per_tile)
+            codec.begin(job, rows_per_tile)
             for i, (r0, r1) in enumerate(_tiles(job.matrix.shape[0], rows_per_tile)):
                 if options.on_tile is not None:
                     options.on_tile(key, i, r1 - r0)
                 job.run_tile(r0, r1)
                 report.tile_rows_max = max(report.tile_rows_max, r1 - r0)
                 report.peak_tile_bytes = max(report.peak_tile_bytes, (r1 - r0) * cols * 4 * _FP32_BUFFERS)
+            codec.commit()
             finished.append(job)
             job = None
             done += weight.numel()

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .errors import UnsafeFileError
 
@@ -39,13 +39,33 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 _PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
 
+#: What to do about a damaged or foreign file (appended to the problem in every refusal).
+FIX_CORRUPT = "The file is damaged or not a safetensors file: download or export it again."
+FIX_PICKLE = (
+    "It is never unpickled, because a pickle can run code. Convert it to .safetensors "
+    "(e.g. with a trusted script) and use that file."
+)
+
 
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def _refuse(path: Path, problem: str) -> UnsafeFileError:
-    return UnsafeFileError(f"{path}: {problem}")
+def _refuse(path: Path, problem: str, fix: str = FIX_CORRUPT) -> UnsafeFileError:
+    return UnsafeFileError(f"{path}: {problem}. {fix}")
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {key!r} appears twice")
+        out[key] = value
+    return out
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 class SafetensorsFile:
@@ -74,51 +94,75 @@ class SafetensorsFile:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: self.shape(k) for k in self.header}
 
+    def _unreadable(self, key: str | None, e: Exception) -> UnsafeFileError:
+        what = f"cannot read tensor {key!r}" if key is not None else "cannot open the file"
+        detail = e.strerror if isinstance(e, OSError) and e.strerror else e
+        return _refuse(self.path, f"{what}: {detail} (was it changed or truncated after it was opened?)")
+
     def get(self, key: str) -> torch.Tensor:
         """Read one tensor onto the CPU."""
-        with safe_open(str(self.path), framework="pt") as f:
-            return f.get_tensor(key)
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                return f.get_tensor(key)
+        except (SafetensorError, OSError) as e:
+            raise self._unreadable(key, e) from None
 
     def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
         """Read rows [start, stop) of one tensor without reading the rest."""
-        with safe_open(str(self.path), framework="pt") as f:
-            return f.get_slice(key)[start:stop]
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                return f.get_slice(key)[start:stop]
+        except (SafetensorError, OSError) as e:
+            raise self._unreadable(key, e) from None
 
     def iter_tensors(self, keys: Sequence[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (key, tensor) one at a time, in file order unless `keys` is given."""
-        with safe_open(str(self.path), framework="pt") as f:
+        try:
+            handle = safe_open(str(self.path), framework="pt")
+        except (SafetensorError, OSError) as e:
+            raise self._unreadable(None, e) from None
+        with handle as f:
             for key in keys if keys is not None else self.keys():
-                yield key, f.get_tensor(key)
+                try:
+                    tensor = f.get_tensor(key)
+                except (SafetensorError, OSError) as e:
+                    raise self._unreadable(key, e) from None
+                yield key, tensor
 
 
 def _read_validated_header(path: Path) -> tuple[dict, dict[str, str], int]:
+    """Check everything `safe_open` would (and a size limit) before a tensor is read; never unpickle."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(8)
             if head.startswith(_PICKLE_MAGIC) or path.suffix.lower() in (".pt", ".pth", ".ckpt", ".bin"):
-                raise _refuse(
-                    path,
-                    "this is a pickle (PyTorch .pt/.ckpt/.bin) file; it is never unpickled, because a pickle can "
-                    "run code. Convert it to .safetensors (e.g. with a trusted script) and use that file.",
-                )
+                raise _refuse(path, "this is a pickle (PyTorch .pt/.ckpt/.bin) file", FIX_PICKLE)
             if size < 8 or len(head) < 8:
                 raise _refuse(path, f"file is {size} bytes, too short to be safetensors (empty or truncated)")
             (header_len,) = struct.unpack("<Q", head)
             if header_len > MAX_HEADER_BYTES:
-                raise _refuse(path, f"header claims {header_len} bytes (limit {MAX_HEADER_BYTES}); not a sane safetensors file")
+                raise _refuse(
+                    path,
+                    f"the first 8 bytes claim a {header_len}-byte header (limit {MAX_HEADER_BYTES}), so this is "
+                    "not a safetensors file; if it is a PyTorch .pt/.ckpt pickle that was renamed, it is never "
+                    "unpickled",
+                    "Convert it to .safetensors (e.g. with a trusted script), or download the file again.",
+                )
             if 8 + header_len > size:
-                raise _refuse(path, f"header length {header_len} runs past the end of the {size}-byte file (truncated?)")
+                raise _refuse(path, f"header length {header_len} runs past the end of the {size}-byte file (truncated)")
             raw = f.read(header_len)
     except OSError as e:
-        raise UnsafeFileError(f"{path}: cannot read file: {e.strerror or e}") from None
+        raise UnsafeFileError(f"{path}: cannot read file: {e.strerror or e}. Check the path and permissions.") from None
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _refuse(path, f"header is not valid JSON ({e}); the file is corrupt or not safetensors") from None
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        problem = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise _refuse(path, f"header is not valid safetensors JSON ({problem})") from None
     if not isinstance(header, dict):
         raise _refuse(path, "header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise _refuse(path, "__metadata__ must map strings to strings")
     data_start = 8 + header_len
@@ -132,12 +176,12 @@ def _read_validated_header(path: Path) -> tuple[dict, dict[str, str], int]:
         offsets = info.get("data_offsets")
         if dtype not in DTYPES:
             raise _refuse(path, f"tensor {key!r} has unsupported dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
             raise _refuse(path, f"tensor {key!r} has an invalid shape {shape!r}")
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
-            or not all(isinstance(o, int) and o >= 0 for o in offsets)
+            or not all(_is_int(o) and o >= 0 for o in offsets)
             or offsets[0] > offsets[1]
         ):
             raise _refuse(path, f"tensor {key!r} has invalid data_offsets {offsets!r}")
@@ -149,10 +193,18 @@ def _read_validated_header(path: Path) -> tuple[dict, dict[str, str], int]:
         if offsets[1] > data_len:
             raise _refuse(path, f"tensor {key!r} runs past the end of the file (truncated download?)")
         spans.append((offsets[0], offsets[1], key))
+    # Like safetensors itself: the tensors tile the data area exactly, in offset order, no gaps, no overlaps.
     spans.sort()
-    for (_, end, key), (begin, _, other) in zip(spans, spans[1:]):
+    end, previous = 0, None
+    for begin, stop, key in spans:
         if begin < end:
-            raise _refuse(path, f"tensors {key!r} and {other!r} overlap in the file")
+            raise _refuse(path, f"tensors {previous!r} and {key!r} overlap in the file")
+        if begin > end:
+            after = f"after tensor {previous!r}" if previous is not None else "at the start of the data"
+            raise _refuse(path, f"tensor {key!r} starts at byte {begin}, leaving a gap {after}")
+        end, previous = stop, key
+    if end != data_len:
+        raise _refuse(path, f"{data_len - end} bytes after the last tensor ({previous!r}) belong to no tensor")
     return header, metadata, data_start
 
 
@@ -192,33 +244,65 @@ class StreamingWriter:
         self._next = 0
         self._file = None
 
+    def _write_error(self, e: OSError, key: str | None) -> OSError:
+        """The OSError again, naming the output file (not the hidden temporary one) and what to do."""
+        what = f"writing tensor {key!r}" if key is not None else "writing the output"
+        problem = e.strerror or str(e)
+        message = f"{problem} while {what}; no output was left behind (free disk space or write elsewhere)"
+        return OSError(e.errno, message, str(self.path))
+
     def __enter__(self) -> StreamingWriter:
-        self._file = open(self.tmp_path, "wb")
-        self._file.write(self._header)
+        try:
+            self._file = open(self.tmp_path, "wb")
+        except OSError as e:
+            raise self._write_error(e, None) from e
+        try:
+            self._file.write(self._header)
+        except BaseException as e:
+            self._discard()
+            if isinstance(e, OSError):
+                raise self._write_error(e, None) from e
+            raise
         return self
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
         if self._next >= len(self._order) or self._order[self._next] != key:
-            raise RuntimeError(f"streaming writer expected {self._order[self._next]!r}, got {key!r}")
+            expected = self._order[self._next] if self._next < len(self._order) else "(no more tensors)"
+            raise RuntimeError(f"streaming writer expected {expected!r}, got {key!r}")
         dtype, shape = self._expected[key]
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise RuntimeError(f"{key!r}: planned {dtype} {shape}, got {tensor.dtype} {tuple(tensor.shape)}")
         data = tensor.detach().to("cpu").contiguous().reshape(-1)
         if data.numel():
-            self._file.write(data.view(torch.uint8).numpy().data)
+            try:
+                self._file.write(data.view(torch.uint8).numpy().data)
+            except OSError as e:
+                raise self._write_error(e, key) from e
         self._next += 1
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def _discard(self) -> None:
+        """Close and delete the temporary file, whatever fails on the way."""
         try:
-            if exc_type is None and self._next != len(self._order):
-                exc_type = RuntimeError
+            self._file.close()
+        except OSError:
+            pass
+        finally:
+            self.tmp_path.unlink(missing_ok=True)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self._discard()
+            return
+        try:
+            if self._next != len(self._order):
                 raise RuntimeError(f"streaming writer closed after {self._next} of {len(self._order)} tensors")
-            if exc_type is None:
+            try:
                 self._file.flush()
                 os.fsync(self._file.fileno())
-        finally:
-            self._file.close()
-            if exc_type is None:
+                self._file.close()
                 os.replace(self.tmp_path, self.path)
-            else:
-                self.tmp_path.unlink(missing_ok=True)
+            except OSError as e:
+                raise self._write_error(e, None) from e
+        except BaseException:
+            self._discard()
+            raise

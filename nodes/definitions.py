@@ -1,0 +1,208 @@
+"""The pack's nodes, declared once: inputs with tooltips, outputs, and what each node does.
+
+`v3.py` and `v1.py` turn these declarations into ComfyUI node classes (V3 schema / V1 INPUT_TYPES), so
+both registration paths expose the same nodes. The work itself is in `runtime.py` (merge at load),
+`library.py` (parsed LoRA files) and `vram.py` (report); the math is in `lora_ops`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import folder_paths
+
+from . import library, runtime, vram
+
+CATEGORY = "Flux LoRA Ops"
+STACK_TYPE = "FLUX_LORA_STACK"
+ANY_TYPE = "*"
+
+
+@dataclass(frozen=True)
+class In:
+    name: str
+    type: str  # MODEL, FLOAT, INT, BOOLEAN, STRING, COMBO, FLUX_LORA_STACK, *
+    tooltip: str
+    optional: bool = False
+    default: Any = None
+    min: float | None = None
+    max: float | None = None
+    step: float | None = None
+    options: Callable[[], list[str]] | None = None  # COMBO choices, read each time the UI asks
+    multiline: bool = False
+
+
+@dataclass(frozen=True)
+class Out:
+    type: str  # MODEL, STRING, IMAGE, FLUX_LORA_STACK, *
+    name: str
+    tooltip: str
+
+
+@dataclass
+class Result:
+    values: tuple
+    text: str | None = None  # shown on the node ({"ui": {"text": [...]}})
+
+
+@dataclass(frozen=True)
+class NodeDef:
+    node_id: str
+    display_name: str
+    description: str
+    inputs: tuple[In, ...]
+    outputs: tuple[Out, ...]
+    run: Callable[..., Result]
+    output_node: bool = False
+    always_run: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+class LoRAStack(tuple):
+    """The value of a FLUX_LORA_STACK socket: a tuple of runtime.StackEntry, in merge order."""
+
+    def __repr__(self) -> str:
+        return "LoRAStack(" + ", ".join(f"{e.name}@{e.strength:g}" for e in self) + ")"
+
+
+# --------------------------------------------------------------------------------------------- LoadFluxLoRA
+
+
+def _lora_names() -> list[str]:
+    return folder_paths.get_filename_list("loras")
+
+
+def _coverage_text(name: str, strength: float, lora, messages: tuple[str, ...]) -> str:
+    ranks = ", ".join(f"rank {r} x{n}" for r, n in sorted(lora.ranks.items())) or "no low-rank factors"
+    kinds = ", ".join(f"{k} x{n}" for k, n in sorted(lora.kinds().items()))
+    lines = [
+        f"{name} @ strength {strength:g}",
+        f"format: {lora.format}; {len(lora.targets)} Flux weights changed ({kinds}; {ranks}); "
+        f"{lora.nbytes / 2**20:.1f} MiB of factors",
+        lora.coverage.summary(),
+    ]
+    lines.extend(f"warning: {m}" for m in messages)
+    return "\n".join(lines)
+
+
+def run_load_lora(lora_name: str, strength: float = 1.0, lora_stack=None, legacy_split_qkv: bool = False) -> Result:
+    path = folder_paths.get_full_path_or_raise("loras", lora_name)
+    lora, messages = library.load_cached(path, legacy_split_qkv=legacy_split_qkv)
+    entry = runtime.StackEntry(lora_name, float(strength), lora)
+    stack = LoRAStack((*(lora_stack or ()), entry))
+    text = _coverage_text(lora_name, float(strength), lora, messages)
+    if len(stack) > 1:
+        text = f"stack: {', '.join(f'{e.name} @ {e.strength:g}' for e in stack)}\n" + text
+    return Result((stack, text), text)
+
+
+LOAD_LORA = NodeDef(
+    node_id="LoadFluxLoRA",
+    display_name="Load Flux LoRA",
+    description=(
+        "Reads a Flux LoRA in any known key format (kohya, BFL/ComfyUI, diffusers/PEFT, OneTrainer, XLabs, "
+        "LyCORIS LoKr/LoHa, DoRA, full diffs) and adds it with a strength to a LoRA stack. Nothing is merged "
+        "here: connect the stack to 'Merge LoRA Into Model'. The text output lists where every key of the file "
+        "went and every key that could not be applied."
+    ),
+    inputs=(
+        In("lora_name", "COMBO", "LoRA file from models/loras.", options=_lora_names),
+        In("strength", "FLOAT", "How strongly the LoRA changes the model (1.0 = as trained; negative subtracts it).",
+           default=1.0, min=-10.0, max=10.0, step=0.01),
+        In("lora_stack", STACK_TYPE, "Optional stack from another 'Load Flux LoRA' node; this LoRA is appended to it.",
+           optional=True),
+        In("legacy_split_qkv", "BOOLEAN",
+           "Read kohya split-qkv files the old way (3-4x weaker, as older tools did). Leave off unless you need "
+           "to reproduce old results.", optional=True, default=False),
+    ),
+    outputs=(
+        Out(STACK_TYPE, "lora_stack", "The stack: earlier LoRAs plus this one, with strengths."),
+        Out("STRING", "coverage", "Which weights the file changes, its format and ranks, and every unmapped key."),
+    ),
+    run=run_load_lora,
+)
+
+
+# --------------------------------------------------------------------------------------------- MergeLoRAIntoModel
+
+COMPUTE_CHOICES = ["auto", "weight", "cpu"]
+
+
+def run_merge(model, lora_stack, compute: str = "auto", tile_mb: int = 64) -> Result:
+    entries = tuple(lora_stack or ())
+    merged = runtime.attach_plan(model, entries, compute=compute, tile_mb=tile_mb)
+    plan = merged.attachments.get(runtime.ATTACHMENT) if hasattr(merged, "attachments") else None
+    if plan is None:
+        return Result((merged,), "empty stack: the model is passed through unchanged")
+    text = (f"merges at load, in place: {plan.describe()}\n"
+            f"(undone exactly when another branch of this model loads; a strength change updates in place)")
+    return Result((merged,), text)
+
+
+MERGE = NodeDef(
+    node_id="MergeLoRAIntoModel",
+    display_name="Merge LoRA Into Model",
+    description=(
+        "Merges a LoRA stack into the model's weights in place, tile by tile, when ComfyUI loads the model for "
+        "sampling or saving: no backup copy of the weights, no per-step LoRA cost. Other branches of the same "
+        "model get the exact original weights back; re-queueing with other strengths updates the merged "
+        "weights in one pass instead of reloading."
+    ),
+    inputs=(
+        In("model", "MODEL", "The Flux diffusion model (e.g. from Load Diffusion Model)."),
+        In("lora_stack", STACK_TYPE, "LoRAs and strengths from 'Load Flux LoRA'. Merged after any stack this model "
+           "already has."),
+        In("compute", "COMBO",
+           "Where the merge math runs: auto = the model's load device (GPU if any), weight = where each weight "
+           "lives, cpu = always on the CPU (no VRAM used by the merge).", optional=True, default="auto",
+           options=lambda: list(COMPUTE_CHOICES)),
+        In("tile_mb", "INT", "Working memory per tile of rows, in MiB (the merge never holds more than this in fp32).",
+           optional=True, default=64, min=1, max=4096, step=1),
+    ),
+    outputs=(Out("MODEL", "model", "The model with the LoRAs merged at load (same weights storage, no copy)."),),
+    run=run_merge,
+)
+
+
+# --------------------------------------------------------------------------------------------- VRAMReport
+
+
+def run_vram_report(label: str = "", passthrough=None) -> Result:
+    snap = vram.take_snapshot(reset_peak=True)
+    text = vram.format_report(snap, label)
+    chart = vram.draw_chart(snap, label)
+    return Result((passthrough, text, chart), text)
+
+
+VRAM_REPORT = NodeDef(
+    node_id="VRAMReport",
+    display_name="VRAM Report",
+    description=(
+        "Reports GPU memory (total, free, torch allocated/reserved, peak since the previous report), each model "
+        "ComfyUI has loaded, the process RSS and system RAM, as text and as a bar chart. Runs every time the "
+        "prompt runs. Connect anything to 'passthrough' to place it in the graph (e.g. after a sampler)."
+    ),
+    inputs=(
+        In("label", "STRING", "A name for this report (e.g. 'before merge').", optional=True, default=""),
+        In("passthrough", ANY_TYPE, "Anything; it is passed on unchanged and makes the report run after it.",
+           optional=True),
+    ),
+    outputs=(
+        Out(ANY_TYPE, "passthrough", "The 'passthrough' input, unchanged."),
+        Out("STRING", "report", "The report as text."),
+        Out("IMAGE", "chart", "A bar chart of where the memory goes."),
+    ),
+    run=run_vram_report,
+    output_node=True,
+    always_run=True,
+)
+
+
+def always_changed(**_kwargs) -> float:
+    return math.nan
+
+
+NODE_DEFS: tuple[NodeDef, ...] = (LOAD_LORA, MERGE, VRAM_REPORT)

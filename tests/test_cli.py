@@ -1,0 +1,88 @@
+"""The command line: inspect and the streamed offline merge, end to end through subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lora_factory import TINY, write_lora
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from lora_ops import load_lora, merge_loras
+from lora_ops.synthetic import write_flux_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "lora_ops", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("cli")
+    model = write_flux_checkpoint(tmp / "flux.safetensors", TINY, seed=3, prefix="model.diffusion_model.")
+    kohya = write_lora("kohya", tmp / "kohya.safetensors", TINY, rank=4, seed=5).path
+    diffusers = write_lora("diffusers", tmp / "diffusers.safetensors", TINY, rank=2, seed=6).path
+    return {"model": model, "kohya": kohya, "diffusers": diffusers, "dir": tmp}
+
+
+def test_inspect_text_and_json(files):
+    text = run_cli("inspect", str(files["kohya"]))
+    assert text.returncode == 0, text.stderr
+    assert "kohya" in text.stdout and "text-encoder" in text.stdout and "unmerged" in text.stdout
+    data = json.loads(run_cli("inspect", str(files["kohya"]), "--json").stdout)
+    assert data["format"] == "kohya"
+    assert data["ranks"] == {"4": data["ranks"]["4"]} and data["ranks"]["4"] > 0
+    assert data["text_encoder_keys"] > 0
+    assert data["unmerged_runtime_mib"] == pytest.approx(data["params"] * 6 / 2**20)
+
+
+@pytest.mark.parametrize("dtype", ["keep", "bf16", "fp32"])
+def test_offline_merge_equals_in_memory_merge(files, dtype):
+    out = files["dir"] / f"merged_{dtype}.safetensors"
+    result = run_cli("merge", str(files["model"]), "--lora", f"{files['kohya']}:0.8",
+                     "--lora", f"{files['diffusers']}:-0.5", "--out", str(out), "--dtype", dtype, "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    got = load_file(str(out))
+    base = load_file(str(files["model"]))
+    assert list(got) == list(base)  # key names and order kept, prefix included
+    stack = [(load_lora(files["kohya"]), 0.8), (load_lora(files["diffusers"]), -0.5)]
+    if dtype == "fp32":
+        work = {k: v.float() for k, v in base.items()}
+    else:
+        work = {k: v.clone() for k, v in base.items()}
+    merge_loras(work, stack)
+    for key, tensor in got.items():
+        assert torch.equal(tensor, work[key]), key
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    merged = json.loads(meta["lora_ops.merged"])
+    assert [m["strength"] for m in merged] == [0.8, -0.5]
+    assert not [p for p in files["dir"].iterdir() if ".partial" in p.name]
+
+
+def test_merge_refuses_to_overwrite_input(files):
+    before = files["model"].read_bytes()
+    result = run_cli("merge", str(files["model"]), "--lora", str(files["kohya"]), "--out", str(files["model"]))
+    assert result.returncode == 2
+    assert "refusing to write over an input" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert files["model"].read_bytes() == before
+
+
+def test_lora_strength_parsing():
+    from lora_ops.cli import parse_lora_arg
+
+    assert parse_lora_arg("a.safetensors") == ("a.safetensors", 1.0)
+    assert parse_lora_arg("a.safetensors:0.5") == ("a.safetensors", 0.5)
+    assert parse_lora_arg("C:\\loras\\a.safetensors") == ("C:\\loras\\a.safetensors", 1.0)
+    assert parse_lora_arg("dir:x/a.safetensors:-1") == ("dir:x/a.safetensors", -1.0)
