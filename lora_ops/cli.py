@@ -12,6 +12,8 @@ import time
 import warnings
 from collections.abc import Callable
 
+import torch
+
 from .errors import LoRAOpsError
 from .formats import LoRAFile, describe, load_lora
 
@@ -182,6 +184,17 @@ def _cast(args: argparse.Namespace) -> int:
     return 0
 
 
+def _error_line(e: BaseException) -> str:
+    """One line for stderr: what went wrong, with the file it concerns."""
+    if isinstance(e, OSError):
+        text = f"{e.filename}: {e.strerror or e}" if e.filename else str(e.strerror or e)
+    elif isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        text = f"out of memory ({e or 'no details'}); nothing was written. Free memory, or use --device cpu"
+    else:
+        text = str(e)
+    return " ".join(text.split())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lora_ops", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -190,9 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command][1](args)
-    except (LoRAOpsError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
-        message = str(e) if isinstance(e, LoRAOpsError) else f"{e.filename}: {e.strerror}"
-        print(f"error: {message}", file=sys.stderr)
+    except (LoRAOpsError, OSError, MemoryError, torch.OutOfMemoryError) as e:
+        print(f"error: {_error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted; nothing was written", file=sys.stderr)

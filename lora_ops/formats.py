@@ -282,7 +282,7 @@ def _guess_architecture(keys: list[str]) -> str:
         return "a Wan / video-model LoRA"
     if keys and all(k.startswith(TEXT_ENCODER_PREFIXES) for k in keys):
         return "a text-encoder-only LoRA"
-    return "not a Flux LoRA"
+    return "something other than a Flux LoRA"
 
 
 def _scalar(t: torch.Tensor, path: Path, key: str) -> float:
@@ -734,14 +734,15 @@ def check_fits(lora: LoRAFile, shape_of: ShapeLookup, model_name: str = "the mod
         if shape is None:
             raise ModelMismatchError(
                 f"{lora.path}: the LoRA changes {target!r} (from {adapters[0].source_keys[0]!r}), which "
-                f"{model_name} does not have. Is this LoRA for another Flux variant or model?"
+                f"{model_name} does not have: the LoRA is for another Flux variant or model. Use a LoRA made "
+                "for this model."
             )
         rows = shape[0]
         cols = shape[1] if len(shape) > 1 else 1
         for a in adapters:
             a_rows, a_cols = a.shape
             if a_cols != cols or a.row_offset + a_rows > rows:
-                hint = ""
+                hint = " Use a LoRA made for this model."
                 if target == "img_in.weight" and a_cols > cols:
                     hint = (
                         f" This is a Flux control LoRA (Canny/Depth) whose img_in takes {a_cols} input channels; "

@@ -11,48 +11,66 @@ File format (what ComfyUI 0.3.64 calls "scaled fp8", `model_detection.py` / `ops
   weight is `weight.float() * scale_weight`. Newer ComfyUI (`utils.convert_old_quants`) turns each
   `scale_weight` into a `comfy_quant` float8_e4m3fn layer with `weight_scale` and leaves every other layer in
   its stored dtype, so policies that keep layers bf16 load as intended there.
-* ComfyUI 0.3.64 itself creates *every* Linear (weights and biases) of a scaled-fp8 model in fp8 with a
-  scalar `scale_weight` Parameter (default 1.0). So there, a layer stored bf16 is cast to fp8 with scale 1
-  (plain `copy_`) and the `default`/`quality` presets' bf16 layers are silently rounded on load; use the
-  `all` preset (every Linear weight fp8 with its own scale) for 0.3.x. Measured with bench/fp8_fidelity.py
-  (COMFYUI_ROOT set): see the table it prints.
+* ComfyUI 0.3.64 itself creates *every* Linear (weight and bias) of a scaled-fp8 model in fp8, with a scalar
+  `scale_weight` Parameter that defaults to 1.0. Measured (bench/fp8_fidelity.py with COMFYUI_ROOT, real-width
+  1+1-block Flux written by `merge_checkpoint_fp8`, loaded by `comfy.sd.load_diffusion_model` on CPU): our fp8
+  layers dequantise bit-identically to ours (max |diff| 0); a Linear we keep bf16 (img_in, final_layer.linear
+  under `default`) is plain-cast to fp8 with scale 1 on load: 3.3 % relative error instead of 0; biases are
+  plain-cast to fp8 in every case (5.7 % relative error; nothing in the file can avoid it). So for 0.3.x use the
+  `all` preset (those layers then get their own scale: 2.6 % instead of 3.3 %); `default`/`quality` pay off in
+  newer ComfyUI and in our own loaders (`load_fp8_state_dict`, `load_fp8_into_module`, FP8Linear).
 
 Granularity: one scale per tensor. ComfyUI 0.3.64 cannot load anything finer: `scale_weight` is a 0-dim
 Parameter (a per-row (out, 1) tensor fails `load_state_dict` with a size mismatch, and its forward multiplies
-the *input* by the scale when the weight is larger than the input). Per-row scales would buy little anyway:
-e4m3 is a floating format, so the scale only decides which values fall off the top (clipped) or into the
-subnormals; the relative rounding error of every normal value is the same 2^-4 whatever the scale.
+the *input* by the scale when the weight is larger than the input). Finer scales would buy little anyway:
+e4m3 is a floating format, so the scale only decides which values clip or fall into the subnormals; every
+normal value keeps 3 mantissa bits whatever the scale. Measured on a 2048x3072 N(0, 0.02) bf16 weight, relative
+error: per-tensor power of two 2.657 %, per-tensor amax/448 2.648 %, per-row amax/448 2.645 %, per-64-block
+amax/448 2.505 % (-6 %, not loadable by 0.3.64), no scale 3.309 %.
 
 Scale = the smallest power of two >= amax / 448 (`scale_mode="pow2"`, default), computed fresh from the
-merged tensor. A power of two makes the dequantisation exact in every compute dtype: fp8 values have 4
+merged tensor. A power of two makes dequantisation exact in every compute dtype: fp8 values have 4
 significant bits, so `weight.to(bf16) * scale.to(bf16)` in ComfyUI (which rounds the scale to the compute
-dtype) is bit-identical to our fp32 `weight.float() * scale`, and requantising to an unchanged scale is
-lossless. `scale_mode="exact"` (scale = amax / 448, amax lands exactly on 448) is kept for comparison; the
-benchmark measures both.
+dtype) is bit-identical to our fp32 `weight.float() * scale` (measured: 0 difference), and requantising to an
+unchanged scale is lossless. `scale_mode="exact"` (scale = amax/448) measures the same to 0.1 % (benchmark
+column "(a)ex") but ComfyUI then rounds the scale to bf16, a gain error of up to 0.4 %.
 
-Rounding: round-to-nearest-even by default (unbiased for continuous inputs, lowest error). Stochastic rounding
-(`rounding="stochastic"`) uses a counter-based hash of (seed, key name, flat element index): deterministic for
-a given seed and key, independent of tile sizes and devices, unbiased in expectation, with about 1.4x the
-error of nearest (measured).
+Rounding: round-to-nearest-even by default (the lowest error any one rounding can reach on the e4m3 grid).
+Stochastic rounding (`rounding="stochastic"`) uses a counter-based hash of (seed, key name without prefix, flat
+element index): deterministic for a seed and key, independent of tile sizes and devices, unbiased in
+expectation, and 1.41x the error of nearest (E[err^2] = ulp^2/6 instead of ulp^2/12; measured 1.415x).
 
 Merging into fp8 (merge-then-quantise is the recommended path): tile by tile, decode the stored rows to fp32
 (dequantise fp8 with its scale), add every adapter's change in fp32, then a first pass finds the merged
 tensor's amax, the fresh scale is fixed, and a second pass recomputes each tile and writes it rounded once.
-Extra memory is a few fp32 tiles; the output tensor is the only weight-sized allocation.
+Extra memory is a few fp32 tiles; the output tensor is the only weight-sized allocation. The result is the
+e4m3 floor (the fp32 merge quantised once), e.g. error/‖ΔW‖ 2.65 / 0.88 / 0.27 for ΔW = 1 / 3 / 10 % of ‖W‖
+(9216x3072 qkv), against 4.67 / 1.56 / 0.47 for ComfyUI's rounding into unscaled fp8 (0.567x) and 3.32 / 1.11 /
+0.33 for kohya's plain cast. The issue's target of 0.45x is below what one e4m3 rounding can reach: RNE has
+1/sqrt(2) the error of stochastic rounding and ComfyUI's unscaled subnormals add 25 %, 0.707 / 1.25 = 0.567.
 
 In-place merges into fp8 weights go through the engine (`merge_loras`) with `ScaledFP8Codec`
-(`fp8_merge_options` / `merge_loras_fp8`): its `begin` hook does the amax pass (the engine can already compute
-the merged rows), tiles are then written with the fresh scale, and the live scale tensor is updated in `commit`
-(restored in `rollback`). The engine's exact-undo journal keeps working because the codec decodes and encodes
-per *role*: "base" with the scale the weight had before any LoRA (kept in `MergeState.codec_state`),
-"current" with the scale before this call, "new" with the fresh scale; recovery always rounds to nearest.
-The journal holds the elements where round(decode_new(out) - delta) misses the original fp8 bits (5 bytes
-each); tests/test_fp8.py measures that fraction.
+(`fp8_merge_options` / `merge_loras_fp8`): its `begin` hook does the amax pass (`job.merged_rows`), tiles are
+then written with the fresh scale, and the live scale tensor is updated in `commit` (restored in `rollback`), so
+a failure anywhere leaves weights and scales bit-identical. The engine's exact-undo journal works because the
+codec decodes and encodes per *role*: "base" with the scale the weight had before any LoRA (kept in
+`MergeState.codec_state`), "current" with the scale before this call, "new" with the fresh scale; recovery
+always rounds to nearest. The journal holds the elements where round(decode_new(out) - ΔW) misses the original
+fp8 bits (5 bytes each, or the tile's bytes when that is smaller): measured on real-width qkv / mlp weights,
+7.4 % / 19 % / 42 % of the fp8 weight's bytes for ΔW = 1 / 3 / 10 % of ‖W‖ (system RAM). With stochastic rounding
+about 1/4 of the elements miss, so the journal is a full copy of the fp8 weight: for in-place merges with
+undo prefer nearest, or pass `MergeOptions(exact_undo=False)` and reload to undo.
 
 Layer policies (`PRESETS`): `default` = every Linear weight of double and single blocks in fp8 (attention qkv /
 proj, MLPs, modulation); embedders (img_in, txt_in, time_in, vector_in, guidance_in), final_layer, norms and
 biases stay bf16. `quality` = like default, but the modulation Linears (`_mod.lin`, `modulation.lin`) stay bf16
-too. `all` = every Linear weight in fp8 (what ComfyUI 0.3.x ends up with anyway; see above).
+too. `all` = every Linear weight in fp8 (for ComfyUI 0.3.x, see above). Flux-dev: default 11.97 GB, quality
+15.20 GB, all 11.90 GB (bf16 23.80 GB); `policy_size` / `preset_sizes` compute them for any FluxShape.
+
+For the nodes: `cast_module_fp8(module, policy)` (swap Linears for FP8Linear in place), `merge_to_fp8(sd, loras,
+policy)` / `quantize_merged(weight, terms)` (merge-then-quantise), `merge_loras_fp8(module_or_sd, loras, state=)`
+(LoRAs into an fp8 model, fresh scales, exact undo), `load_fp8_state_dict` / `load_fp8_into_module` (read any
+fp8 file), `write_fp8_checkpoint` / `merge_checkpoint_fp8` (files, streamed).
 """
 
 from __future__ import annotations
@@ -451,9 +469,9 @@ class ScaleTable:
 
     kind: str  # "scaled_fp8" (ComfyUI legacy), "comfy_quant" (newer ComfyUI), "plain_fp8", "none"
     marker: str | None
-    fp8_matmul: bool | None
+    fp8_matmul: bool | None  # the reader fills it from the marker's element count
     scale_keys: dict[str, str]  # weight key -> its scale key (scaled kinds)
-    plain: list[str]  # fp8 weight keys with no scale (scale 1)
+    plain: list[str]  # fp8 tensors with no scale (scale 1): all of a plain model, fp8 biases of a scaled one
     aux: set[str]  # keys that are not model tensors (marker, scales, input scales, comfy_quant)
 
 
@@ -486,17 +504,16 @@ def scale_table(dtypes: Mapping[str, torch.dtype], path: object = None) -> Scale
         kind = "plain_fp8"
     else:
         kind = "none"
-    missing = [k for k in fp8_weights if k not in scale_keys]
+    # ComfyUI 0.3.x saves scaled-fp8 models with fp8 *biases* and no scale for them: those mean scale 1.
+    unscaled = [k for k in fp8_weights if k not in scale_keys]
+    missing = [k for k in unscaled if k.endswith(".weight")]
     if kind in ("scaled_fp8", "comfy_quant") and missing:
         raise FP8FormatError(
             f"{where}{len(missing)} fp8 weight(s) of this scaled-fp8 checkpoint have no scale (e.g. {missing[0]!r} "
             f"has no {missing[0][:-len('.weight')] + SCALE_SUFFIX!r}); the file is incomplete or was edited. "
             "Re-export it, or cast the original bf16 model again."
         )
-    fp8_matmul = None
-    if marker is not None:
-        fp8_matmul = None  # filled by the reader from the marker's element count
-    return ScaleTable(kind, marker, fp8_matmul, scale_keys, missing if kind == "plain_fp8" else [], aux)
+    return ScaleTable(kind, marker, None, scale_keys, unscaled, aux)
 
 
 def check_scale(value: torch.Tensor, key: str, rows: int | None = None, path: object = None) -> torch.Tensor:
@@ -1013,19 +1030,23 @@ def load_fp8_into_module(module: torch.nn.Module, source, *, strict: bool = Fals
         bias = None
         if m.bias is not None:
             bias = ckpt.weight(bias_key, m.bias.dtype) if bias_key else m.bias.data
-        new = FP8Linear.from_quantized(q.to(m.weight.device), ckpt.scales[full], bias)
+        scale = ckpt.scales[full]
+        if scale.numel() != 1:  # per-row scales (newer ComfyUI files): one fresh per-tensor scale instead
+            q, scale = quantize_merged(q, (), key=full, weight_scale=scale)
+        new = FP8Linear.from_quantized(q.to(m.weight.device), scale, bias)
         parent, child = _parent(module, name)
         setattr(parent, child, new)
         report.converted.append(key)
         report.bytes_before += m.weight.numel() * m.weight.element_size()
         report.bytes_after += q.numel() + 4
     rest = {}
-    done = {k for k in report.converted} | {k[: -len(".weight")] + ".bias" for k in report.converted}
-    own = {strip_model_prefix(k)[1]: k for k, _ in module.state_dict().items()}
+    done = set(report.converted) | {k[: -len(".weight")] + ".bias" for k in report.converted}
+    own_sd = module.state_dict()
+    own = {strip_model_prefix(k)[1]: k for k in own_sd}
     for name, full in bare.items():
         if name in done or name not in own:
             continue
-        rest[own[name]] = ckpt.weight(full, module.state_dict()[own[name]].dtype)
+        rest[own[name]] = ckpt.weight(full, own_sd[own[name]].dtype)
     module.load_state_dict(rest, strict=strict)
     return report
 
@@ -1094,6 +1115,21 @@ class ScaledFP8Codec(Codec):
             self.scale.fill_(self.current)
 
 
+class PlainFP8Codec(Codec):
+    """Unscaled float8_e4m3fn (a plain fp8 model, or ComfyUI's fp8 biases): scale 1, saturating at ±448."""
+
+    def __init__(self, rounding: str = "nearest", seed: int = 0, key: str = "") -> None:
+        super().__init__(E4M3)
+        self.rounding = rounding
+        self.seed32 = key_seed(key, seed)
+
+    def encode(self, values: torch.Tensor, key: str, row0: int, role: str = "new") -> torch.Tensor:
+        if role == "new" and self.rounding == "stochastic":
+            cols = values.shape[1] if values.dim() > 1 else 1
+            return round_e4m3(values, "stochastic", self.seed32, row0 * cols)
+        return round_e4m3(values, "nearest")
+
+
 def _scale_tensors(target: Mapping[str, torch.Tensor] | torch.nn.Module) -> dict[str, torch.Tensor]:
     """Bare weight name → the live scale tensor of that weight."""
     if isinstance(target, torch.nn.Module):
@@ -1117,13 +1153,16 @@ def fp8_merge_options(
 ) -> MergeOptions:
     """MergeOptions whose codec_for gives fp8 weights a fresh-scale ScaledFP8Codec (others: the default).
 
-    Raises FP8FormatError at merge time for an fp8 weight without a (positive, finite) scale.
+    A model with no scales at all is a plain fp8 model: its weights keep scale 1 (`PlainFP8Codec`), as do fp8
+    biases. In a scaled model, an fp8 weight without a (positive, finite) scale raises FP8FormatError.
     """
     scales = _scale_tensors(target)
     opts = options or MergeOptions()
 
     def codec_for(key: str, weight: torch.Tensor) -> Codec:
         if weight.dtype == E4M3:
+            if key not in scales and (not scales or not key.endswith(".weight")):
+                return PlainFP8Codec(rounding, seed, key)
             if key not in scales:
                 raise FP8FormatError(
                     f"{key!r} is float8_e4m3fn but has no {key[: -len('.weight')] + SCALE_SUFFIX!r}; without its "

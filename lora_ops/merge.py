@@ -281,7 +281,8 @@ class _KeyJob:
         current_stored = self.matrix[r0:r1].to(self.device, copy=True) if self.old else None
         base, base_stored = self.base_rows(r0, r1)
         delta = self._delta(self.new, r0, r1, base)
-        out_stored = self.codec.encode(base + delta, self.key, r0, "new")
+        # No new terms: write the recovered original bits themselves (base + 0 would turn -0 into +0).
+        out_stored = self.codec.encode(base + delta, self.key, r0, "new") if self.new else base_stored.clone()
         if self.exact_undo and (self.new or self.old):
             out = self.codec.decode(out_stored, "new")
             if self.new:

@@ -19,10 +19,11 @@ fused attention kernel): with B = batch x (2 with CFG), T = (h/16)(w/16) + text 
 M = mlp hidden and U = B*T*H*2 bytes, the largest live set is inside a single block at RoPE:
 the block input x and the modulated x_mod (2U), linear1's output ((3H+M)/H U = 7U), normed q, k
 (2U) and RoPE's fp32 temporaries (q, k as fp32, the rotated q, and two products + their sum for
-k: 6 x 2U = 12U), plus the text stream the caller holds (512/T U): about 23.1U = 0.61 GiB at
-1024x1024, batch 1. The planner evaluates every such point of both block kinds (linear1 with an
-unmerged LoRA's output-sized branch and an fp8 weight's bf16 upcast, the MLP, linear2) and takes
-the largest. bench/gpu_suite.py checks this against torch.cuda.max_memory_allocated on a GPU.
+k: 6 x 2U = 12U), plus the text stream the caller holds (512/T U) and the fp32 RoPE table: about
+23.3U = 0.61 GiB at 1024x1024, batch 1. The planner evaluates every such point of both block kinds
+(linear1 with an unmerged LoRA's output-sized branch and an fp8 weight's bf16 upcast, the MLP,
+linear2) and takes the largest. bench/gpu_suite.py checks it against torch.cuda.max_memory_allocated
+on a GPU, and on a tiny shape against the live tensor bytes torch.profiler records on the CPU.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from . import fp8
 from .errors import LoRAOpsError, ModelMismatchError
 from .flux import (
     FLUX_DEV,
@@ -43,7 +45,6 @@ from .flux import (
     FluxShape,
     flux_weight_shapes,
     is_block_linear,
-    is_modulation,
     shape_from_state_dict,
     strip_model_prefix,
 )
@@ -54,9 +55,10 @@ MIB = 1 << 20
 
 PRESETS: dict[str, FluxShape] = {"flux-dev": FLUX_DEV, "flux-schnell": FLUX_SCHNELL}
 
-#: Weight dtype policies. "fp8" is kohya's `model.to(fp8)` (every tensor); the fp8-* policies keep
-#: everything but the block Linear weights (fp8-quality: also the modulation Linears) in bf16.
-WEIGHT_POLICIES = ("bf16", "fp16", "fp32", "fp8", "fp8-default", "fp8-quality")
+#: Weight dtype policies. "fp8" is kohya's `model.to(fp8)` (every tensor, no scales); "fp8-<name>" is a
+#: lora_ops.fp8 policy (scaled fp8, one fp32 scale per fp8 weight): fp8-default = the block Linear
+#: weights in fp8, everything else bf16; fp8-quality = also the modulation Linears bf16.
+WEIGHT_POLICIES = ("bf16", "fp16", "fp32", "fp8", *(f"fp8-{name}" for name in fp8.PRESETS))
 T5_CHOICES = ("bf16", "fp8", "offload")
 RESIDENT_CHOICES = ("bf16", "offload")
 MODES = ("unmerged", "merged")
@@ -154,20 +156,13 @@ def _dtype_label(dtype: torch.dtype) -> str:
             torch.float8_e5m2: "fp8_e5m2"}.get(dtype, str(dtype).removeprefix("torch."))
 
 
-def fp8_policy_dtype(name: str, policy: str) -> torch.dtype:
+def fp8_policy_dtype(name: str, policy: str, dims: tuple[int, ...] | None = None) -> torch.dtype:
     """Storage dtype of Flux tensor `name` under a weight policy (see WEIGHT_POLICIES)."""
     if policy in _DTYPE_OF_POLICY:
         return _DTYPE_OF_POLICY[policy]
-    if policy == "fp8-default":
-        return _FP8 if is_block_linear(name) else torch.bfloat16
-    if policy == "fp8-quality":
-        return _FP8 if is_block_linear(name) and not is_modulation(name) else torch.bfloat16
+    if policy in WEIGHT_POLICIES:
+        return _FP8 if fp8.get_policy(policy.removeprefix("fp8-")).selects(name, dims) else torch.bfloat16
     raise LoRAOpsError(f"unknown weight dtype {policy!r}; choose one of {', '.join(WEIGHT_POLICIES)}")
-
-
-def fp8_scale_bytes(dims: tuple[int, ...]) -> int:
-    """Scale storage of one fp8-* policy weight: one fp32 scale per output row."""
-    return dims[0] * 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,11 +319,12 @@ def weight_dtypes(info: ModelInfo, policy: str | None) -> dict[str, tuple[tuple[
     """Every resident tensor with its dtype under `policy` (None: as stored)."""
     if policy is None:
         return {**info.tensors, **info.extra}
-    out = {n: (dims, fp8_policy_dtype(n, policy)) for n, (dims, _) in info.tensors.items()}
-    if policy.startswith("fp8-"):
-        for n, (dims, dtype) in list(out.items()):
-            if dtype == _FP8 and len(dims) == 2:
-                out[n.removesuffix(".weight") + ".scale_weight"] = ((fp8_scale_bytes(dims) // 4,), torch.float32)
+    out = {n: (dims, fp8_policy_dtype(n, policy, dims)) for n, (dims, _) in info.tensors.items()}
+    if policy.startswith("fp8-"):  # lora_ops.fp8 layout: a 0-dim fp32 scale per fp8 weight + the marker
+        for n, (_, dtype) in list(out.items()):
+            if dtype == _FP8:
+                out[n.removesuffix(".weight") + fp8.SCALE_SUFFIX] = ((), torch.float32)
+        out[fp8.MARKER] = ((2,), _FP8)
     return out
 
 
@@ -385,8 +381,8 @@ def activation_points(
             worst = max(worst, extra)
         return worst
 
-    # pe: RoPE table [1, 1, T, head_dim/2, 2, 2] fp32, held by the caller through all blocks.
-    pe = t * shape.head_dim // 2 * 4 * f
+    # pe: RoPE table [B, 1, T, head_dim/2, 2, 2] fp32, held by the caller through all blocks.
+    pe = b * t * shape.head_dim // 2 * 4 * f
     points: dict[str, int] = {}
     if shape.depth:
         inputs = tok(t, h)  # img + txt, held by the caller during the call
@@ -429,26 +425,38 @@ ACTIVATION_FORMULA = (
 )
 
 
+#: lora_ops.merge keeps every merged weight's adapters, copied to the compute device in fp32, until the call
+#: returns (a failure rolls back every weight and needs them), so a merge's device peak is one tile plus the
+#: fp32 factors of all merged weights. Set False if the engine is changed to drop them per weight.
+MERGE_KEEPS_FACTORS = True
+
+
 def merge_temporaries(shape_of: Mapping[str, tuple[tuple[int, ...], torch.dtype]], lora: LoRAInfo,
                       tile_bytes: int) -> dict[str, object]:
-    """Peak merge transients: this package's tile vs a full-layer fp32 merge, over the LoRA's targets."""
-    ours = full = 0
-    ours_key = full_key = ""
+    """Peak merge transients on the compute device: this package's tiles vs a full-layer fp32 merge."""
+    tile = full = full_comfy = factors_max = factors_all = 0
+    tile_key = full_key = ""
     for target, factor_elems in lora.targets.items():
         if target not in shape_of:
             continue
-        dims, dtype = shape_of[target]
+        dims, _ = shape_of[target]
         rows = dims[0]
         cols = _numel(dims[1:]) if len(dims) > 1 else 1
-        factors = factor_elems * 4  # adapters moved to the compute device in fp32, one weight at a time
+        factors = factor_elems * 4  # the adapters in fp32 on the compute device
+        factors_all += factors
+        factors_max = max(factors_max, factors)
         tile_rows = min(rows, tile_rows_for(cols, tile_bytes))
-        tile = tile_rows * cols * 4 * _FP32_BUFFERS + factors  # MergeReport.peak_tile_bytes + factors
+        this_tile = tile_rows * cols * 4 * _FP32_BUFFERS  # what MergeReport.peak_tile_bytes reports
+        if this_tile > tile:
+            tile, tile_key = this_tile, target
         dense = 2 * rows * cols * 4 + factors  # fp32 copy of W + dense fp32 delta
-        if tile > ours:
-            ours, ours_key = tile, target
         if dense > full:
             full, full_key = dense, target
-    return {"ours_bytes": ours, "ours_key": ours_key, "full_layer_bytes": full, "full_layer_key": full_key,
+            full_comfy = 3 * rows * cols * 4 + factors  # ComfyUI also makes (strength*alpha)*diff in fp32
+    ours = tile + (factors_all if MERGE_KEEPS_FACTORS else factors_max)
+    return {"ours_bytes": ours, "tile_bytes": tile, "tile_key": tile_key,
+            "factors_bytes": factors_all if MERGE_KEEPS_FACTORS else factors_max,
+            "full_layer_bytes": full, "full_layer_key": full_key, "full_layer_comfy_bytes": full_comfy,
             "tile_budget_bytes": tile_bytes}
 
 
@@ -587,13 +595,14 @@ class Plan:
         if self.merge is not None:
             m = self.merge
             lines.append(
-                f"merge temporaries: lora_ops tile {int(m['ours_bytes']) / MIB:.0f} MiB "
-                f"(budget {int(m['tile_budget_bytes']) / MIB:.0f} MiB) vs full-layer fp32 at least "
-                f"{int(m['full_layer_bytes']) / MIB:.0f} MiB (fp32 copy + dense fp32 delta of "
-                f"{m['full_layer_key']} {'x'.join(map(str, self.merge_shape))})"
+                f"merge temporaries: lora_ops {int(m['ours_bytes']) / MIB:.0f} MiB (tile "
+                f"{int(m['tile_bytes']) / MIB:.0f} MiB + fp32 LoRA factors {int(m['factors_bytes']) / MIB:.0f} MiB) "
+                f"vs full-layer fp32 at least {int(m['full_layer_bytes']) / MIB:.0f} MiB (fp32 copy + dense fp32 delta "
+                f"of {m['full_layer_key']} {'x'.join(map(str, self.merge_shape))}; "
+                f"{int(m['full_layer_comfy_bytes']) / MIB:.0f} MiB as ComfyUI computes it)"
             )
             if r.mode == "merged":
-                lines.append(f"{'merge peak (weights + tile)':{width}}{self.merge_peak_bytes / GIB:9.2f}")
+                lines.append(f"{'merge peak (weights + merge temporaries)':{width}}{self.merge_peak_bytes / GIB:9.2f}")
         if self.card_bytes is not None:
             lines.append(f"card {self.card_bytes / GIB:.2f} GiB ({self.card_source}), usable "
                          f"{self.usable_bytes / GIB:.2f} GiB (minus {CUDA_RESERVE_BYTES / GIB:.1f} GiB CUDA context)")

@@ -135,12 +135,18 @@ def _read_validated_header(path: Path) -> tuple[dict, dict[str, str], int]:
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            head = f.read(8)
-            if head.startswith(_PICKLE_MAGIC) or path.suffix.lower() in (".pt", ".pth", ".ckpt", ".bin"):
+            head = f.read(9)
+            # A safetensors header length can start with pickle's magic bytes (640 = 80 02 00 ..), so the
+            # pickle test applies only to files whose first 9 bytes are not a plausible safetensors start.
+            plausible = len(head) == 9 and head[8:] == b"{" and struct.unpack("<Q", head[:8])[0] <= size - 8
+            if not plausible and (
+                head.startswith(_PICKLE_MAGIC) or path.suffix.lower() in (".pt", ".pth", ".ckpt", ".bin")
+            ):
                 raise _refuse(path, "this is a pickle (PyTorch .pt/.ckpt/.bin) file", FIX_PICKLE)
             if size < 8 or len(head) < 8:
                 raise _refuse(path, f"file is {size} bytes, too short to be safetensors (empty or truncated)")
-            (header_len,) = struct.unpack("<Q", head)
+            (header_len,) = struct.unpack("<Q", head[:8])
+            f.seek(8)
             if header_len > MAX_HEADER_BYTES:
                 raise _refuse(
                     path,

@@ -110,13 +110,29 @@ LOAD_LORA = NodeDef(
     ),
     inputs=(
         In("lora_name", "COMBO", "LoRA file from models/loras.", options=_lora_names),
-        In("strength", "FLOAT", "How strongly the LoRA changes the model (1.0 = as trained; negative subtracts it).",
-           default=1.0, min=-10.0, max=10.0, step=0.01),
-        In("lora_stack", STACK_TYPE, "Optional stack from another 'Load Flux LoRA' node; this LoRA is appended to it.",
-           optional=True),
-        In("legacy_split_qkv", "BOOLEAN",
-           "Read kohya split-qkv files the old way (3-4x weaker, as older tools did). Leave off unless you need "
-           "to reproduce old results.", optional=True, default=False),
+        In(
+            "strength",
+            "FLOAT",
+            "How strongly the LoRA changes the model (1.0 = as trained; negative subtracts it).",
+            default=1.0,
+            min=-10.0,
+            max=10.0,
+            step=0.01,
+        ),
+        In(
+            "lora_stack",
+            STACK_TYPE,
+            "Optional stack from another 'Load Flux LoRA' node; this LoRA is appended to it.",
+            optional=True,
+        ),
+        In(
+            "legacy_split_qkv",
+            "BOOLEAN",
+            "Read kohya split-qkv files the old way (3-4x weaker, as older tools did). Leave off unless you need "
+            "to reproduce old results.",
+            optional=True,
+            default=False,
+        ),
     ),
     outputs=(
         Out(STACK_TYPE, "lora_stack", "The stack: earlier LoRAs plus this one, with strengths."),
@@ -137,8 +153,10 @@ def run_merge(model, lora_stack, compute: str = "auto", tile_mb: int = 64) -> Re
     plan = merged.attachments.get(runtime.ATTACHMENT) if hasattr(merged, "attachments") else None
     if plan is None:
         return Result((merged,), "empty stack: the model is passed through unchanged")
-    text = (f"merges at load, in place: {plan.describe()}\n"
-            f"(undone exactly when another branch of this model loads; a strength change updates in place)")
+    text = (
+        f"merges at load, in place: {plan.describe()}\n"
+        f"(undone exactly when another branch of this model loads; a strength change updates in place)"
+    )
     return Result((merged,), text)
 
 
@@ -153,17 +171,103 @@ MERGE = NodeDef(
     ),
     inputs=(
         In("model", "MODEL", "The Flux diffusion model (e.g. from Load Diffusion Model)."),
-        In("lora_stack", STACK_TYPE, "LoRAs and strengths from 'Load Flux LoRA'. Merged after any stack this model "
-           "already has."),
-        In("compute", "COMBO",
-           "Where the merge math runs: auto = the model's load device (GPU if any), weight = where each weight "
-           "lives, cpu = always on the CPU (no VRAM used by the merge).", optional=True, default="auto",
-           options=lambda: list(COMPUTE_CHOICES)),
-        In("tile_mb", "INT", "Working memory per tile of rows, in MiB (the merge never holds more than this in fp32).",
-           optional=True, default=64, min=1, max=4096, step=1),
+        In(
+            "lora_stack",
+            STACK_TYPE,
+            "LoRAs and strengths from 'Load Flux LoRA'. Merged after any stack this model already has.",
+        ),
+        In(
+            "compute",
+            "COMBO",
+            "Where the merge math runs: auto = the model's load device (GPU if any), weight = where each weight "
+            "lives, cpu = always on the CPU (no VRAM used by the merge).",
+            optional=True,
+            default="auto",
+            options=lambda: list(COMPUTE_CHOICES),
+        ),
+        In(
+            "tile_mb",
+            "INT",
+            "Working memory per tile of rows, in MiB (the merge never holds more than this in fp32).",
+            optional=True,
+            default=64,
+            min=1,
+            max=4096,
+            step=1,
+        ),
     ),
     outputs=(Out("MODEL", "model", "The model with the LoRAs merged at load (same weights storage, no copy)."),),
     run=run_merge,
+)
+
+
+# --------------------------------------------------------------------------------------------- CastFluxFP8
+
+
+def _fp8_module():
+    try:
+        from ..lora_ops import fp8
+    except ImportError:  # the fp8 module is optional for the rest of the pack
+        return None
+    return fp8
+
+
+def run_cast_fp8(model, policy: str = "default", rounding: str = "nearest", fp8_matmul: bool = False) -> Result:
+    cast = runtime.attach_fp8(model, policy=policy, rounding=rounding, fp8_matmul=fp8_matmul)
+    plan = cast.attachments[runtime.ATTACHMENT]
+    before = model.model_size()
+    text = (
+        f"at load: {plan.describe()}\n"
+        f"model size {before / 2**30:.2f} GiB -> {cast.model_size() / 2**30:.2f} GiB; the 16-bit originals are "
+        "not modified (ComfyUI swaps them back for other branches)"
+    )
+    return Result((cast,), text)
+
+
+def _policy_help() -> str:
+    fp8 = _fp8_module()
+    if fp8 is None:
+        return ""
+    return " ".join(f"{name}: {p.description}." for name, p in fp8.PRESETS.items())
+
+
+CAST_FP8 = NodeDef(
+    node_id="CastFluxFP8",
+    display_name="Cast Flux To FP8",
+    description=(
+        "Stores the model's big Linear layers in fp8 (float8_e4m3fn with a fresh per-tensor scale) when ComfyUI "
+        "loads it, about halving their memory. Any LoRA stack merged into this model (before or after this node) "
+        "is merged first in fp32 and the result rounded to fp8 once (merge-then-quantise). The 16-bit weights "
+        "stay untouched in system RAM; other branches of the model keep using them."
+    ),
+    inputs=(
+        In("model", "MODEL", "The Flux model (bf16/fp16), e.g. after 'Merge LoRA Into Model'."),
+        In(
+            "policy",
+            "COMBO",
+            "Which Linears go to fp8. " + _policy_help(),
+            default="default",
+            options=lambda: list(_fp8_module().PRESETS),
+        ),
+        In(
+            "rounding",
+            "COMBO",
+            "nearest: lowest error (recommended). stochastic: unbiased on average, about 1.4x the error.",
+            optional=True,
+            default="nearest",
+            options=lambda: list(_fp8_module().ROUNDINGS),
+        ),
+        In(
+            "fp8_matmul",
+            "BOOLEAN",
+            "Run the fp8 layers with torch._scaled_mm on GPUs that support it (compute capability 8.9+): faster, "
+            "but the activations are quantised too. Off: the weights are dequantised for each matmul.",
+            optional=True,
+            default=False,
+        ),
+    ),
+    outputs=(Out("MODEL", "model", "The model, cast to fp8 at load (with any merged LoRAs)."),),
+    run=run_cast_fp8,
 )
 
 
@@ -187,8 +291,12 @@ VRAM_REPORT = NodeDef(
     ),
     inputs=(
         In("label", "STRING", "A name for this report (e.g. 'before merge').", optional=True, default=""),
-        In("passthrough", ANY_TYPE, "Anything; it is passed on unchanged and makes the report run after it.",
-           optional=True),
+        In(
+            "passthrough",
+            ANY_TYPE,
+            "Anything; it is passed on unchanged and makes the report run after it.",
+            optional=True,
+        ),
     ),
     outputs=(
         Out(ANY_TYPE, "passthrough", "The 'passthrough' input, unchanged."),
@@ -205,4 +313,4 @@ def always_changed(**_kwargs) -> float:
     return math.nan
 
 
-NODE_DEFS: tuple[NodeDef, ...] = (LOAD_LORA, MERGE, VRAM_REPORT)
+NODE_DEFS: tuple[NodeDef, ...] = (LOAD_LORA, MERGE, *((CAST_FP8,) if _fp8_module() else ()), VRAM_REPORT)

@@ -42,6 +42,7 @@ the elements merged.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import uuid
 import weakref
@@ -54,6 +55,7 @@ import torch
 
 from ..lora_ops import LoRAOpsError, MergeOptions, MergeState, ModelMismatchError, merge_loras, restore
 from ..lora_ops.formats import LoRAFile, check_fits
+from ..lora_ops.merge import terms_by_target
 
 log = logging.getLogger("flux_lora_ops")
 
@@ -82,22 +84,50 @@ class StackEntry:
 
 
 @dataclass(frozen=True, eq=False)
+class FP8Step:
+    """Cast the Linears a policy selects to fp8 at load: FP8Linear slots swapped in by ComfyUI object patches.
+
+    Each slot is filled from the untouched 16-bit original plus the plan's LoRA terms (merge-then-quantise,
+    rounded once, fresh scale), so the originals are never modified and ComfyUI swaps them back itself.
+    Slots belong to one plan (a new plan gets new slots) and are emptied when ComfyUI unpatches.
+    """
+
+    policy: str
+    rounding: str
+    fp8_matmul: bool
+    slots: tuple[tuple[str, torch.nn.Module], ...]  # (module name under diffusion_model, FP8Linear slot)
+
+    def describe(self) -> str:
+        return f"fp8 ({self.policy}, {self.rounding} rounding, {len(self.slots)} Linears)"
+
+
+@dataclass(frozen=True, eq=False)
 class MergePlan:
-    """What a MODEL wants merged: the stack plus merge options (a patcher attachment, immutable)."""
+    """What a MODEL wants at load: the LoRA stack, merge options, optionally an fp8 cast (a patcher attachment)."""
 
     entries: tuple[StackEntry, ...]
     compute: str = "auto"  # "auto" (the model's load device), "weight" (where each weight lives), "cpu"
     tile_mb: int = 64
+    fp8: FP8Step | None = None
 
     def pairs(self) -> list[tuple[LoRAFile, float]]:
         return [(e.lora, float(e.strength)) for e in self.entries]
 
     @property
     def token(self) -> tuple:
-        return _token(self.pairs())
+        return (_token(self.pairs()), id(self.fp8) if self.fp8 is not None else None)
+
+    def fp8_keys(self) -> set[str]:
+        """Weights (and biases) the fp8 step produces itself; the in-place merge leaves these alone."""
+        if self.fp8 is None:
+            return set()
+        return {f"{name}.{p}" for name, _ in self.fp8.slots for p in ("weight", "bias")}
 
     def describe(self) -> str:
-        return ", ".join(f"{e.name} @ {e.strength:g}" for e in self.entries) or "(empty)"
+        parts = [", ".join(f"{e.name} @ {e.strength:g}" for e in self.entries)] if self.entries else []
+        if self.fp8 is not None:
+            parts.append(self.fp8.describe())
+        return "; ".join(parts) or "(nothing)"
 
 
 def _token(pairs: Iterable[tuple[LoRAFile, float]]) -> tuple:
@@ -121,15 +151,13 @@ class Record:
     """What is merged into one shared module now (lives on the BaseModel)."""
 
     state: MergeState
+    token: tuple = ()  # MergePlan.token of the plan merged
     owner: uuid.UUID | None = None  # patches_uuid of the patcher whose weights these are
-    clean: bool = True  # the owner had no ComfyUI weight patches / wrappers / hooks
+    clean: bool = True  # the owner had no ComfyUI weight patches / wrappers / hooks / fp8 step
     compute_device: torch.device | None = None
     tile_bytes: int = 64 << 20
     names: str = ""
-
-    @property
-    def token(self) -> tuple:
-        return _token(self.state.stack)
+    fp8: FP8Step | None = None  # whose slots are filled now
 
 
 def record_of(model) -> Record | None:
@@ -181,11 +209,24 @@ def _union(stack: list[tuple[LoRAFile, float]], parts: Iterable[MergeState | Non
         if part is not None:
             out.journals.update(part.journals)
             out.dora_norms.update(part.dora_norms)
+            out.codec_state.update(part.codec_state)
     return out
 
 
 def _touched(pairs: list[tuple[LoRAFile, float]]) -> set[str]:
     return {k for lora, s in pairs if s != 0.0 for k in lora.targets}
+
+
+def _merge(target, pairs, **kw) -> MergeState:
+    # ComfyUI runs nodes under torch.inference_mode(), so the model's weights are inference tensors, which may
+    # only be changed in place inside inference mode (unload / free also run outside it).
+    with torch.inference_mode():
+        return merge_loras(target, pairs, **kw)
+
+
+def _restore(target, state: MergeState, **kw) -> None:
+    with torch.inference_mode():
+        restore(target, state, **kw)
 
 
 def undo(model) -> None:
@@ -199,10 +240,15 @@ def undo(model) -> None:
     if rec is None:
         return
     try:
-        restore(_weights(model), rec.state, options=_options(rec.compute_device, rec.tile_bytes, interruptible=False))
+        _restore(_weights(model), rec.state, options=_options(rec.compute_device, rec.tile_bytes, False))
     except Exception:
-        log.exception("Flux LoRA Ops: could not take %s out of the model", rec.names)
-        raise
+        # The engine rolled back, so the weights still hold the stack. ComfyUI forgets its backups after this
+        # call, so leaving them merged would hand them to other branches: retry on the CPU with small tiles
+        # (exact unless the merge ran on another device, then off by at most an ulp where rounding differs).
+        log.exception("Flux LoRA Ops: taking %s out failed; retrying on the CPU", rec.names)
+        _restore(_weights(model), rec.state, options=_options(torch.device("cpu"), 4 << 20, False))
+    if rec.fp8 is not None:
+        _release_slots(rec.fp8)
     model.__dict__.pop(RECORD_ATTR, None)
     log.info("Flux LoRA Ops: restored the base weights (took out %s)", rec.names)
 
@@ -258,36 +304,39 @@ def _merge_at_load(patcher, plan: MergePlan, original_load, load_args: tuple, lo
     device = _compute_device(patcher, plan.compute)
     tile_bytes = plan.tile_mb << 20
     if rec is not None and rec.token == plan.token:
-        # The module already holds this stack (ComfyUI loading more of the same weights, e.g. lowvram).
+        # The module already holds this plan (ComfyUI loading more of the same weights, e.g. lowvram).
         out = original_load(*load_args, **load_kwargs)
         rec.owner = patcher.patches_uuid
         _register_undo(patcher)
         return out
     if rec is not None:
-        # Weights still hold another stack that ComfyUI did not unpatch (not expected): take it out first.
+        # Weights still hold another plan that ComfyUI did not unpatch (not expected): take it out first.
         log.warning("Flux LoRA Ops: the model still held %s at load; taking it out", rec.names)
         undo(model)
 
     pairs = plan.pairs()
     params = _diffusion_params(model)
-    touched = _touched(pairs)
+    touched = _touched(pairs) - plan.fp8_keys()
     comfy_keys = {k for k in touched if "diffusion_model." + k in patcher.patches}
     rest = touched - comfy_keys
-    progress = _Progress(_numel(params, touched))
+    progress = _Progress(_numel(params, touched) + _slot_numel(patcher, plan))
     pre_state: MergeState | None = None
     pre_targets: dict[str, torch.nn.Parameter] = {}
     try:
+        if plan.fp8 is not None:
+            # Before ComfyUI's load: it then moves the filled slots to the device and patches them if asked.
+            _fill_slots(patcher, plan, device, tile_bytes, progress)
         if comfy_keys:
             # Merged before ComfyUI patches these, so the originals it keeps in its backup hold base + our stack.
             pre_targets = {k: params[k] for k in comfy_keys}
-            pre_state = merge_loras(
+            pre_state = _merge(
                 {k: p.data for k, p in params.items()},
                 [(lora.only(comfy_keys), s) for lora, s in pairs],
                 options=_options(device, tile_bytes, True, progress.part()),
             )
             progress.advance(_numel(params, comfy_keys))
         out = original_load(*load_args, **load_kwargs)
-        post_state = merge_loras(
+        post_state = _merge(
             _weights(model),
             [(lora.only(rest), s) for lora, s in pairs],
             options=_options(device, tile_bytes, True, progress.part()),
@@ -295,21 +344,34 @@ def _merge_at_load(patcher, plan: MergePlan, original_load, load_args: tuple, lo
     except BaseException:
         if pre_state is not None:
             # The same Parameter objects (in the module or in ComfyUI's backup), wherever their data is now.
-            restore({k: p.data for k, p in pre_targets.items()}, pre_state,
-                    options=_options(device, tile_bytes, interruptible=False))
+            _restore(
+                {k: p.data for k, p in pre_targets.items()},
+                pre_state,
+                options=_options(device, tile_bytes, interruptible=False),
+            )
+        if plan.fp8 is not None:
+            _release_slots(plan.fp8)
         raise
-    state = _union(pairs, (pre_state, post_state))
+    # The state names only what was merged in place (the fp8 step's layers come from untouched originals).
+    merged_pairs = pairs if plan.fp8 is None else [(lora.only(touched), s) for lora, s in pairs]
+    state = _union(merged_pairs, (pre_state, post_state))
     model.__dict__[RECORD_ATTR] = Record(
         state=state,
+        token=plan.token,
         owner=patcher.patches_uuid,
-        clean=_is_clean(patcher),
+        clean=_is_clean(patcher) and plan.fp8 is None,
         compute_device=device,
         tile_bytes=tile_bytes,
         names=plan.describe(),
+        fp8=plan.fp8,
     )
     _register_undo(patcher)
-    log.info("Flux LoRA Ops: merged %s into %d weights (undo journal %.1f MiB)", plan.describe(), len(touched),
-             state.journal_bytes / 2**20)
+    log.info(
+        "Flux LoRA Ops: applied %s (%d weights merged in place, undo journal %.1f MiB)",
+        plan.describe(),
+        len(touched),
+        state.journal_bytes / 2**20,
+    )
     return out
 
 
@@ -322,23 +384,137 @@ def _switch_in_place(patcher, plan: MergePlan) -> bool:
         return False
     device = _compute_device(patcher, plan.compute)
     tile_bytes = plan.tile_mb << 20
-    if not (rec.clean and _is_clean(patcher) and set(patcher.backup) <= {UNDO_ATTR}):
+    if not (rec.clean and _is_clean(patcher) and plan.fp8 is None and set(patcher.backup) <= {UNDO_ATTR}):
         return False
     if rec.compute_device != device or rec.tile_bytes != tile_bytes:
         return False  # the old stack must be taken out exactly as it was merged
     pairs = plan.pairs()
     params = _diffusion_params(model)
     progress = _Progress(_numel(params, _touched(pairs) | _touched(rec.state.stack)))
-    new_state = merge_loras(
+    new_state = _merge(
         _weights(model), pairs, state=rec.state, options=_options(device, tile_bytes, True, progress.part())
     )
     rec.state = new_state
+    rec.token = plan.token
     rec.owner = patcher.patches_uuid
     rec.names = plan.describe()
     model.current_weight_patches_uuid = patcher.patches_uuid
     _register_undo(patcher)
     log.info("Flux LoRA Ops: switched the merged stack in place to %s", plan.describe())
     return True
+
+
+# --------------------------------------------------------------------------------------------- fp8 step
+
+
+def _fp8():
+    """lora_ops.fp8, imported when first used (the nodes load without it; CastFluxFP8 then is not offered)."""
+    from ..lora_ops import fp8
+
+    return fp8
+
+
+def _slot_numel(patcher, plan: MergePlan) -> int:
+    if plan.fp8 is None:
+        return 0
+    total = 0
+    for name, _ in plan.fp8.slots:
+        original = patcher.object_patches_backup.get("diffusion_model." + name)
+        total += original.weight.numel() if original is not None else 0
+    return total
+
+
+def _fill_slots(patcher, plan: MergePlan, device, tile_bytes: int, progress: _Progress) -> None:
+    """Each slot := quantise(original 16-bit weight + the plan's LoRA terms), rounded once, fresh scale."""
+    fp8 = _fp8()
+    step = plan.fp8
+    terms = terms_by_target(plan.pairs())
+    for name, slot in step.slots:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        original = patcher.object_patches_backup.get("diffusion_model." + name)
+        if original is None:  # ComfyUI applies object patches before load(), keeping what they replaced
+            raise LoRAOpsError(f"fp8 cast: the original layer diffusion_model.{name} is not in the patcher's backup")
+        wkey, bkey = f"{name}.weight", f"{name}.bias"
+        with torch.inference_mode():
+            q, scale = fp8.quantize_merged(
+                original.weight.data,
+                terms.get(wkey, []),
+                key=wkey,
+                rounding=step.rounding,
+                tile_bytes=tile_bytes,
+                device=device,
+            )
+            bias = None
+            if original.bias is not None:
+                bias = fp8.merge_rows_to(
+                    original.bias.data,
+                    terms.get(bkey, []),
+                    original.bias.dtype,
+                    key=bkey,
+                    tile_bytes=tile_bytes,
+                    device=device,
+                )
+        slot.weight = torch.nn.Parameter(q, requires_grad=False)
+        slot.scale_weight = scale.to(q.device)
+        slot.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+        slot.out_features, slot.in_features = q.shape
+        progress.advance(original.weight.numel())
+        progress.bar.update_absolute(progress.offset, progress.total)
+
+
+def _empty_slot(slot, in_features: int) -> None:
+    slot.weight = torch.nn.Parameter(torch.empty((0, in_features), dtype=torch.float8_e4m3fn), requires_grad=False)
+    slot.scale_weight = torch.ones((), dtype=torch.float32)
+    slot.bias = None
+    slot.out_features = 0
+
+
+def _release_slots(step: FP8Step) -> None:
+    """Free the fp8 copies (ComfyUI swaps the originals back in right after)."""
+    for _, slot in step.slots:
+        _empty_slot(slot, slot.in_features)
+
+
+def _make_step(model, policy: str, rounding: str, fp8_matmul: bool) -> tuple[FP8Step, int]:
+    """Empty FP8Linear slots for the Linears `policy` selects, and the bytes the cast saves."""
+    fp8 = _fp8()
+    pol = fp8.get_policy(policy)
+    if rounding not in fp8.ROUNDINGS:
+        raise LoRAOpsError(f"rounding {rounding!r}: use one of {', '.join(fp8.ROUNDINGS)}")
+    slots, saved = [], 0
+    for name, module in model.model.diffusion_model.named_modules():
+        if isinstance(module, torch.nn.Linear) and pol.selects(f"{name}.weight", module.weight.shape):
+            slot = fp8.FP8Linear.from_quantized(
+                torch.empty((0, module.in_features), dtype=torch.float8_e4m3fn), 1.0, None, fp8_matmul=fp8_matmul
+            )
+            _empty_slot(slot, module.in_features)
+            slots.append((name, slot))
+            w = module.weight
+            saved += w.numel() * w.element_size() - w.numel() - 4
+    if not slots:
+        raise LoRAOpsError(f"fp8 policy {policy!r} selects no Linear of this model; is it a Flux model?")
+    return FP8Step(pol.name, rounding, bool(fp8_matmul), tuple(slots)), saved
+
+
+def _apply_plan(model, plan: MergePlan):
+    """A clone carrying `plan`: new patches_uuid, our patcher class, fp8 slots as object patches, fp8 size."""
+    m = model.clone()
+    previous = m.attachments.get(ATTACHMENT)
+    if previous is not None and previous.fp8 is not None:
+        for name, _ in previous.fp8.slots:
+            m.object_patches.pop("diffusion_model." + name, None)
+    if plan.fp8 is not None:
+        step, saved = _make_step(model, plan.fp8.policy, plan.fp8.rounding, plan.fp8.fp8_matmul)
+        plan = dataclasses.replace(plan, fp8=step)  # fresh slots: never shared with another stack
+        for name, slot in step.slots:
+            m.add_object_patch("diffusion_model." + name, slot)
+        m.size = comfy.model_management.module_size(model.model) - saved
+    elif previous is not None and previous.fp8 is not None:
+        m.size = comfy.model_management.module_size(model.model)
+    m.set_attachments(ATTACHMENT, plan)
+    m.patches_uuid = uuid.uuid4()
+    m.__class__ = _merging_class(type(m))
+    return m
 
 
 class _MergingPatcherMixin:
@@ -389,28 +565,44 @@ def check_model(model, entries: Iterable[StackEntry]) -> None:
     for entry in entries:
         for key in entry.lora.targets:
             if dtypes[key] not in _STORAGE_DTYPES:
-                raise LoRAOpsError(f"{entry.name}: weight {key!r} is stored as {dtypes[key]}, which the in-place "
-                                   "merge cannot write; use a bf16/fp16/fp8 model.")
+                raise LoRAOpsError(
+                    f"{entry.name}: weight {key!r} is stored as {dtypes[key]}, which the in-place "
+                    "merge cannot write; use a bf16/fp16/fp8 model."
+                )
     for module_name, module in diffusion.named_modules():
         if getattr(module, "scale_weight", None) is not None:
             raise LoRAOpsError(
                 f"this model stores scaled fp8 weights ({module_name}.scale_weight); merging in place into them is "
-                "not supported. Load a bf16 Flux model (UNETLoader weight_dtype default), merge, then cast to fp8.")
+                "not supported. Load a bf16 Flux model (UNETLoader weight_dtype default), merge, then cast to fp8."
+            )
 
 
 def attach_plan(model, entries: Iterable[StackEntry], compute: str = "auto", tile_mb: int = 64):
     """A clone of `model` that merges `entries` (after any stack it already has) whenever ComfyUI loads it."""
     entries = tuple(entries)
-    previous = model.attachments.get(ATTACHMENT) if hasattr(model, "attachments") else None
     if not entries:
         return model
     check_model(model, entries)
-    m = model.clone()
-    combined = (previous.entries if previous is not None else ()) + entries
-    m.set_attachments(ATTACHMENT, MergePlan(combined, compute=compute, tile_mb=int(tile_mb)))
-    m.patches_uuid = uuid.uuid4()
-    m.__class__ = _merging_class(type(m))
-    return m
+    previous = model.attachments.get(ATTACHMENT)
+    plan = MergePlan(
+        (previous.entries if previous is not None else ()) + entries,
+        compute=compute,
+        tile_mb=int(tile_mb),
+        fp8=previous.fp8 if previous is not None else None,
+    )
+    return _apply_plan(model, plan)
+
+
+def attach_fp8(model, policy: str = "default", rounding: str = "nearest", fp8_matmul: bool = False):
+    """A clone of `model` whose selected Linears are cast to fp8 at load, after merging its LoRA stack."""
+    check_model(model, ())
+    previous = model.attachments.get(ATTACHMENT)
+    step = FP8Step(policy, rounding, bool(fp8_matmul), ())
+    if previous is None:
+        plan = MergePlan((), fp8=step)
+    else:
+        plan = dataclasses.replace(previous, fp8=step)
+    return _apply_plan(model, plan)
 
 
 def describe_model_state(model) -> str:

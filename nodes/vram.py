@@ -48,8 +48,11 @@ def _loaded_models() -> list[LoadedModelInfo]:
             continue
         base = patcher.model
         note = describe_model_state(base) if hasattr(base, "diffusion_model") else ""
-        out.append(LoadedModelInfo(type(base).__name__, str(loaded.device), int(patcher.loaded_size()),
-                                   int(patcher.model_size()), note))
+        out.append(
+            LoadedModelInfo(
+                type(base).__name__, str(loaded.device), int(patcher.loaded_size()), int(patcher.model_size()), note
+            )
+        )
     return out
 
 
@@ -84,8 +87,10 @@ def format_report(snap: Snapshot, label: str = "") -> str:
     if snap.has_gpu:
         lines.append(f"GPU {snap.device}: total {_g(snap.gpu_total)}, free {_g(snap.gpu_free)}")
         if snap.allocated is not None:
-            lines.append(f"  torch allocated {_g(snap.allocated)}, reserved {_g(snap.reserved)}, "
-                         f"peak allocated since last report {_g(snap.peak)}")
+            lines.append(
+                f"  torch allocated {_g(snap.allocated)}, reserved {_g(snap.reserved)}, "
+                f"peak allocated since last report {_g(snap.peak)}"
+            )
     else:
         lines.append(f"No GPU: ComfyUI runs on {snap.device}; models live in system RAM.")
     if snap.models:

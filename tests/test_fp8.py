@@ -287,6 +287,10 @@ def test_load_comfyui_style_plain_and_new_formats():
     assert set(ck.tensors) == {p + "x.weight", p + "x.bias"}
     assert torch.equal(ck.weight(p + "x.weight"), q.float() * s)
     assert p + "x.scale_input" in ck.input_scales
+    # ComfyUI 0.3.x's own saves: biases are fp8 too, with no scale (= 1)
+    comfy_saved = {**comfy, p + "x.bias": torch.full((32,), 0.5).to(E4M3)}
+    saved = fp8.load_fp8_state_dict(comfy_saved)
+    assert float(saved.scales[p + "x.bias"]) == 1.0 and torch.equal(saved.weight(p + "x.bias"), torch.full((32,), 0.5))
     plain = fp8.load_fp8_state_dict({"x.weight": w.to(E4M3), "x.bias": torch.zeros(32)})
     assert plain.kind == "plain_fp8" and float(plain.scales["x.weight"]) == 1.0
     assert torch.equal(plain.weight("x.weight"), w.to(E4M3).float())
@@ -500,6 +504,18 @@ def test_in_place_fp8_merge_failure_leaves_everything_unchanged(base, lora):
         fp8.merge_loras_fp8(sd, [(lora, 1.0)], options=MergeOptions(on_tile=on_tile, tile_bytes=4096))
     assert len(set(seen)) == 4
     assert_same_bits(before, snapshot(sd))
+
+
+def test_in_place_merge_into_plain_fp8_model(base, lora):
+    """No scales anywhere: a plain fp8 model (ComfyUI's fp8_e4m3fn loader); weights keep scale 1, exact undo."""
+    plain = {k: (v.to(E4M3) if v.dim() == 2 else v) for k, v in base.items()}
+    before = snapshot(plain)
+    state = fp8.merge_loras_fp8(plain, [(lora, 1.0)])
+    ref = before[QKV].float()
+    merge_loras({QKV: ref}, [(lora.only({QKV}), 1.0)])
+    assert torch.equal(bits(plain[QKV]), bits(ref.clamp(-448, 448).to(E4M3)))
+    fp8.merge_loras_fp8(plain, [], state=state)
+    assert_same_bits(before, snapshot(plain))
 
 
 def test_in_place_fp8_journal_fraction(base, lora):

@@ -131,7 +131,9 @@ def _build_model(comfy, sd: dict[str, torch.Tensor]) -> _Root:
 def plain(comfy, base):
     """A fresh ModelPatcher (what UNETLoader returns) over a fresh tiny model; unloaded afterwards."""
     cpu = torch.device("cpu")
-    patcher = comfy.model_patcher.ModelPatcher(_build_model(comfy, base), load_device=cpu, offload_device=cpu)
+    with torch.inference_mode():  # as UNETLoader runs in ComfyUI: the weights are inference tensors
+        model = _build_model(comfy, base)
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
     yield patcher
     comfy.model_management.unload_all_models()
     comfy.model_management.current_loaded_models.clear()
@@ -193,8 +195,11 @@ def test_strength_change_is_one_pass_in_place(comfy, pack, rt, plain, base, lora
     m3 = rt.attach_plan(plain, [entry(rt, loras["b"], -0.5), entry(rt, loras["dora"], 0.7)])
     load(comfy, m1)
     params = {k: id(p) for k, p in plain.model.diffusion_model.named_parameters()}
-    for patcher, stack in ((m2, [(loras["a"], 0.25)]), (m3, [(loras["b"], -0.5), (loras["dora"], 0.7)]),
-                           (m1, [(loras["a"], 1.0)])):
+    for patcher, stack in (
+        (m2, [(loras["a"], 0.25)]),
+        (m3, [(loras["b"], -0.5), (loras["dora"], 0.7)]),
+        (m1, [(loras["a"], 1.0)]),
+    ):
         load(comfy, patcher)
         assert_equal(weights(patcher), fresh_merge(pack, base, stack))
         assert plain.model.current_weight_patches_uuid == patcher.patches_uuid
@@ -278,8 +283,9 @@ def _effective(comfy, patcher) -> dict[str, torch.Tensor]:
     out = {}
     for name, module in patcher.model.diffusion_model.named_modules():
         if isinstance(module, comfy.ops.manual_cast.Linear):
-            w, b = comfy.ops.cast_bias_weight(module, dtype=module.weight.dtype, device=torch.device("cpu"),
-                                              bias_dtype=module.bias.dtype)
+            w, b = comfy.ops.cast_bias_weight(
+                module, dtype=module.weight.dtype, device=torch.device("cpu"), bias_dtype=module.bias.dtype
+            )
             out[name + ".weight"], out[name + ".bias"] = w.clone(), b.clone()
     return out
 
@@ -380,13 +386,13 @@ def _check_v1_class(cls) -> None:
     spec = cls.INPUT_TYPES()
     assert cls.CATEGORY == "Flux LoRA Ops" and cls.DESCRIPTION
     for group in ("required", "optional"):
-        for name, (kind, opts) in spec.get(group, {}).items():
+        for name, (_kind, opts) in spec.get(group, {}).items():
             assert opts.get("tooltip"), (cls.__name__, name)
     assert len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES) == len(cls.OUTPUT_TOOLTIPS)
     assert callable(getattr(cls, cls.FUNCTION))
 
 
-EXPECTED_NODES = {"LoadFluxLoRA", "MergeLoRAIntoModel", "VRAMReport"}
+EXPECTED_NODES = {"LoadFluxLoRA", "MergeLoRAIntoModel", "CastFluxFP8", "VRAMReport"}
 
 
 def test_v3_registration(pack):
@@ -459,3 +465,90 @@ def test_vram_report(comfy, pack, rt, plain, loras):
         assert "No GPU" in text
     assert chart.dim() == 4 and chart.shape[0] == 1 and chart.shape[3] == 3
     assert chart.dtype == torch.float32 and 0.0 <= chart.min() and chart.max() <= 1.0
+
+
+# --------------------------------------------------------------------------------------------- fp8 cast
+
+
+def _fp8_reference(pack, base, stack, policy="default", rounding="nearest"):
+    """What each fp8 layer must hold: lora_ops.fp8.quantize_merged of the 16-bit original + the stack's terms."""
+    fp8 = pack.lora_ops.fp8
+    terms = pack.lora_ops.merge.terms_by_target(stack)
+    out = {}
+    for key, value in base.items():
+        if fp8.get_policy(policy).selects(key, value.shape):
+            out[key] = fp8.quantize_merged(value, terms.get(key, []), key=key, rounding=rounding)
+    return out
+
+
+def _fp8_layers(comfy, pack, patcher) -> dict:
+    return {
+        name + ".weight": module
+        for name, module in patcher.model.diffusion_model.named_modules()
+        if isinstance(module, pack.lora_ops.fp8.FP8Linear)
+    }
+
+
+@pytest.mark.parametrize("order", ["merge_then_cast", "cast_then_merge"])
+def test_fp8_cast_at_load_merge_then_quantise(comfy, pack, rt, plain, base, loras, order):
+    stack = [(loras["a"], 0.9), (loras["dora"], 0.5)]
+    entries = [entry(rt, lora, s) for lora, s in stack]
+    if order == "merge_then_cast":
+        cast = rt.attach_fp8(rt.attach_plan(plain, entries), "default")
+    else:
+        cast = rt.attach_plan(rt.attach_fp8(plain, "default"), entries)
+    assert cast.model_size() < plain.model_size()
+    load(comfy, cast)
+    layers = _fp8_layers(comfy, pack, cast)
+    expected = _fp8_reference(pack, base, stack)
+    assert set(layers) == set(expected) and layers
+    for key, (q, scale) in expected.items():
+        assert torch.equal(layers[key].weight.view(torch.uint8), q.view(torch.uint8)), key
+        assert torch.equal(layers[key].scale_weight, scale), key
+    # the fp8 layers' biases stay 16-bit; every other tensor got the in-place merge, exactly
+    fresh = fresh_merge(pack, base, stack)
+    current = weights(cast)
+    slot_biases = {k.removesuffix(".weight") + ".bias" for k in expected}
+    for key in fresh:
+        if key in expected:
+            continue
+        assert torch.equal(current[key], fresh[key]), key
+        if key in slot_biases:
+            assert current[key].dtype == base[key].dtype
+    assert comfy.model_management.module_size(plain.model) == cast.model_size()
+    # another branch: the original Linears are back, with the base bits; the fp8 copies are freed
+    load(comfy, plain)
+    assert not _fp8_layers(comfy, pack, plain)
+    assert_equal(weights(plain), base)
+    assert all(slot.weight.numel() == 0 for _, slot in cast.attachments[rt.ATTACHMENT].fp8.slots)
+    load(comfy, cast)  # and again
+    for key, (q, _) in expected.items():
+        assert torch.equal(_fp8_layers(comfy, pack, cast)[key].weight.view(torch.uint8), q.view(torch.uint8))
+
+
+def test_fp8_cast_forward_runs_and_is_close(comfy, pack, rt, plain, base):
+    cast = rt.attach_fp8(plain, "all")
+    load(comfy, cast)
+    layer = cast.model.diffusion_model.get_submodule("double_blocks.0.img_attn.qkv")
+    x = torch.randn(3, layer.in_features, dtype=torch.bfloat16)
+    want = torch.nn.functional.linear(
+        x.float(),
+        base["double_blocks.0.img_attn.qkv.weight"].float(),
+        base["double_blocks.0.img_attn.qkv.bias"].float(),
+    )
+    got = layer(x).float()
+    assert ((got - want).norm() / want.norm()).item() < 0.05
+    load(comfy, plain)
+    assert_equal(weights(plain), base)
+
+
+def test_fp8_cast_interrupt_leaves_base(comfy, pack, rt, plain, base, loras, monkeypatch):
+    cast = rt.attach_fp8(rt.attach_plan(plain, [entry(rt, loras["a"], 1.0)]), "default")
+    _interrupt_after(comfy, monkeypatch, 2)
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        load(comfy, cast)
+    comfy.model_management.interrupt_current_processing(False)
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", None)
+    assert not _fp8_layers(comfy, pack, plain)
+    assert_equal(weights(plain), base)
+    assert all(slot.weight.numel() == 0 for _, slot in cast.attachments[rt.ATTACHMENT].fp8.slots)

@@ -1,0 +1,204 @@
+"""Properties of the merge engine (hypothesis) over random small Flux models, LoRA stacks, strengths and tiles.
+
+* the result does not depend on the tile size (bit-exact);
+* nor on the order of the LoRAs (up to one rounding: <= 1 ulp);
+* merge then restore gives back the original bits;
+* a run of 2-5 strength changes (each call passing the previous state) ends bit-exact equal to a fresh merge at
+  the final strengths, and restore after it gives the original bits;
+* one LoRA written in kohya, bfl and diffusers_alpha form (the factory shares the factors) merges to the same
+  weights (kohya and bfl: bit-exact; diffusers_alpha: <= 1 ulp).
+
+Models: FluxShape with hidden in {16, 32, 48}, 2 heads, 1-2 double and 1-2 single blocks, small embedder dims,
+bf16. LoRAs: 1-3 from lora_factory's MERGE_FORMATS, ranks 1-8, strengths in [-2, 2]. Tiles: 1 KiB .. 1 MiB
+(log-uniform). Files and parsed LoRAs are cached per (shape, format, rank, seed), so examples are cheap.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from lora_factory import MERGE_FORMATS, base_state_dict, write_lora
+
+from lora_ops import MergeOptions, load_lora, merge_loras, restore
+from lora_ops.errors import LoRAFormatWarning
+from lora_ops.flux import FluxShape
+
+COUNTS: Counter = Counter()
+SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread (OpenMP threads only add barrier waits here, badly on a busy machine)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+    print(f"\n[test_properties] examples run: {dict(COUNTS)}, total {sum(COUNTS.values())}")
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return _Cache(tmp_path_factory.mktemp("prop_loras"))
+
+
+class _Cache:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.bases: dict[FluxShape, dict[str, torch.Tensor]] = {}
+        self.loras: dict[tuple, object] = {}
+
+    def base(self, shape: FluxShape) -> dict[str, torch.Tensor]:
+        if shape not in self.bases:
+            self.bases[shape] = base_state_dict(shape, seed=hash(shape) & 0xFFFF)
+        return self.bases[shape]
+
+    def lora(self, shape: FluxShape, fmt: str, rank: int, seed: int):
+        key = (shape, fmt, rank, seed)
+        if key not in self.loras:
+            path = self.root / f"{len(self.loras)}-{fmt}-r{rank}-s{seed}.safetensors"
+            write_lora(fmt, path, shape, rank, seed, base=self.base(shape))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", LoRAFormatWarning)
+                self.loras[key] = load_lora(path)
+        return self.loras[key]
+
+    def stack(self, shape: FluxShape, specs, strengths) -> list:
+        return [(self.lora(shape, fmt, rank, seed), s) for (fmt, rank, seed), s in zip(specs, strengths, strict=True)]
+
+
+shapes = st.builds(
+    FluxShape,
+    hidden=st.sampled_from([16, 32, 48]),
+    depth=st.integers(1, 2),
+    depth_single=st.integers(1, 2),
+    heads=st.just(2),
+    context_dim=st.sampled_from([8, 24]),
+    vec_dim=st.sampled_from([8, 12]),
+    time_dim=st.sampled_from([8, 16]),
+    in_channels=st.sampled_from([8, 16]),
+    out_channels=st.sampled_from([8, 16]),
+    guidance=st.booleans(),
+)
+lora_specs = st.tuples(st.sampled_from(MERGE_FORMATS), st.integers(1, 8), st.integers(0, 3))
+strengths = st.floats(-2.0, 2.0, allow_nan=False, allow_infinity=False)
+#: 1 KiB .. 1 MiB, log-uniform (small tiles are the interesting ones, and the slow ones).
+tiles = st.builds(lambda e, f: int(2.0 ** (e + f)), st.integers(10, 19), st.floats(0.0, 1.0))
+
+
+def copy(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in sd.items()}
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def differing(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
+    assert a.keys() == b.keys()
+    return [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(bits(a[k]), bits(b[k]))]
+
+
+def ulps(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Largest distance in units in the last place between two same-dtype float tensors."""
+    ints = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}[a.dtype]
+    mask = (1 << (torch.iinfo(ints).bits - 1)) - 1
+
+    def line(t):
+        i = t.contiguous().view(ints).to(torch.int64)
+        return torch.where(i < 0, -(i & mask), i & mask)
+
+    return int((line(a) - line(b)).abs().max()) if a.numel() else 0
+
+
+def max_ulps(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[int, str | None]:
+    worst, where = 0, None
+    for k in a:
+        d = ulps(a[k], b[k])
+        if d > worst:
+            worst, where = d, k
+    return worst, where
+
+
+def merged(cache, shape, stack, tile: int, state=None, sd=None):
+    sd = copy(cache.base(shape)) if sd is None else sd
+    new_state = merge_loras(sd, stack, state=state, options=MergeOptions(tile_bytes=tile, min_tile_bytes=1024))
+    return sd, new_state
+
+
+# ------------------------------------------------------------------------------------------------ properties
+
+
+@settings(max_examples=25, **SETTINGS)
+@given(shape=shapes, specs=st.lists(lora_specs, min_size=1, max_size=3), data=st.data(), tile_a=tiles, tile_b=tiles)
+def test_result_does_not_depend_on_tile_size(cache, shape, specs, data, tile_a, tile_b):
+    COUNTS["tile size"] += 1
+    stack = cache.stack(shape, specs, data.draw(st.lists(strengths, min_size=len(specs), max_size=len(specs))))
+    a, _ = merged(cache, shape, stack, tile_a)
+    b, _ = merged(cache, shape, stack, tile_b)
+    bad = differing(a, b)
+    assert not bad, f"tiles {tile_a} vs {tile_b}: {len(bad)} weights differ, e.g. {bad[:3]}"
+
+
+@settings(max_examples=25, **SETTINGS)
+@given(shape=shapes, specs=st.lists(lora_specs, min_size=2, max_size=3), data=st.data(), tile=tiles)
+def test_result_does_not_depend_on_lora_order(cache, shape, specs, data, tile):
+    COUNTS["order"] += 1
+    stack = cache.stack(shape, specs, data.draw(st.lists(strengths, min_size=len(specs), max_size=len(specs))))
+    order = data.draw(st.permutations(range(len(stack))))
+    a, _ = merged(cache, shape, stack, tile)
+    b, _ = merged(cache, shape, [stack[i] for i in order], tile)
+    worst, where = max_ulps(a, b)
+    assert worst <= 1, f"order {list(order)}: {where} differs by {worst} ulp"
+
+
+@settings(max_examples=25, **SETTINGS)
+@given(shape=shapes, specs=st.lists(lora_specs, min_size=1, max_size=3), data=st.data(), tile_a=tiles, tile_b=tiles)
+def test_merge_then_restore_gives_the_original_bits(cache, shape, specs, data, tile_a, tile_b):
+    COUNTS["restore"] += 1
+    stack = cache.stack(shape, specs, data.draw(st.lists(strengths, min_size=len(specs), max_size=len(specs))))
+    sd, state = merged(cache, shape, stack, tile_a)
+    restore(sd, state, options=MergeOptions(tile_bytes=tile_b, min_tile_bytes=1024))
+    bad = differing(sd, cache.base(shape))
+    assert not bad, f"restore left {len(bad)} weights changed, e.g. {bad[:3]}"
+
+
+@settings(max_examples=20, **SETTINGS)
+@given(shape=shapes, specs=st.lists(lora_specs, min_size=1, max_size=3), data=st.data())
+def test_strength_changes_end_where_a_fresh_merge_does(cache, shape, specs, data):
+    COUNTS["strength changes"] += 1
+    n = len(specs)
+    runs = data.draw(st.lists(st.lists(strengths, min_size=n, max_size=n), min_size=2, max_size=5), label="runs")
+    sd, state = copy(cache.base(shape)), None
+    for values in runs:
+        tile = data.draw(tiles, label="tile")
+        sd, state = merged(cache, shape, cache.stack(shape, specs, values), tile, state=state, sd=sd)
+    fresh, _ = merged(cache, shape, cache.stack(shape, specs, runs[-1]), data.draw(tiles, label="fresh tile"))
+    bad = differing(sd, fresh)
+    assert not bad, f"after {len(runs)} calls: {len(bad)} weights differ from a fresh merge, e.g. {bad[:3]}"
+    restore(sd, state, options=MergeOptions(tile_bytes=data.draw(tiles, label="restore tile"), min_tile_bytes=1024))
+    bad = differing(sd, cache.base(shape))
+    assert not bad, f"restore after {len(runs)} calls left {len(bad)} weights changed, e.g. {bad[:3]}"
+
+
+@settings(max_examples=25, **SETTINGS)
+@given(shape=shapes, rank=st.integers(1, 8), seed=st.integers(0, 3), strength=strengths, tile=tiles)
+def test_one_lora_in_three_formats_merges_the_same(cache, shape, rank, seed, strength, tile):
+    COUNTS["formats"] += 1
+    results = {fmt: merged(cache, shape, [(cache.lora(shape, fmt, rank, seed), strength)], tile)[0]
+               for fmt in ("kohya", "bfl", "diffusers_alpha")}
+    bad = differing(results["kohya"], results["bfl"])
+    assert not bad, f"kohya vs bfl: {bad[:3]}"
+    for a, b in itertools.combinations(results, 2):
+        worst, where = max_ulps(results[a], results[b])
+        assert worst <= 1, f"{a} vs {b}: {where} differs by {worst} ulp"
