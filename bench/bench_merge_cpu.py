@@ -136,21 +136,21 @@ def copy_floor(weights: dict[str, torch.Tensor], source: dict[str, torch.Tensor]
         weights[key].copy_(other)
 
 
-def measure(fn, repeats: int, before=None) -> dict:
-    """Run `fn` `repeats` times: wall and CPU seconds, extra RSS high-water; median of each."""
-    runs, last = [], None
-    for _ in range(repeats):
-        if before is not None:
-            before()
-        last = None
-        with PeakRSS() as mem:
-            wall, cpu = time.perf_counter(), time.process_time()
-            last = fn()
-            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        runs.append({"wall_s": wall, "cpu_s": cpu, "extra_rss_bytes": mem.extra})
+def run_once(fn, before=None) -> tuple[dict, object]:
+    """One run of `fn`: wall and CPU seconds and the extra RSS high-water."""
+    if before is not None:
+        before()
+    with PeakRSS() as mem:
+        wall, cpu = time.perf_counter(), time.process_time()
+        result = fn()
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return {"wall_s": wall, "cpu_s": cpu, "extra_rss_bytes": mem.extra, "load1": os.getloadavg()[0]}, result
+
+
+def summarise(runs: list[dict]) -> dict:
     return {"runs": runs, "wall_s": statistics.median(r["wall_s"] for r in runs),
-            "cpu_s": statistics.median(r["cpu_s"] for r in runs),
-            "extra_rss_bytes": statistics.median(r["extra_rss_bytes"] for r in runs), "last": last}
+            "wall_min_s": min(r["wall_s"] for r in runs), "cpu_s": statistics.median(r["cpu_s"] for r in runs),
+            "extra_rss_bytes": statistics.median(r["extra_rss_bytes"] for r in runs)}
 
 
 def tensor_peak(fn, before=None) -> int:
@@ -199,7 +199,7 @@ def profile_merge(weights, lora, exact_undo: bool) -> str:
 
 # --- ComfyUI (a child process in ComfyUI's own venv) ----------------------------------------------------
 
-def comfy_child(ckpt: str, lora_path: str, sample_out: str) -> None:
+def comfy_child(ckpt: str, lora_path: str, sample_out: str, repeats: int = 1) -> None:
     root = os.environ["COMFYUI_ROOT"]
     sys.path.insert(0, root)
     argv = sys.argv
@@ -222,16 +222,22 @@ def comfy_child(ckpt: str, lora_path: str, sample_out: str) -> None:
     patched, _ = comfy.sd.load_lora_for_models(model, None, lora_sd, 1.0, 0)
     load_s = time.perf_counter() - t0
     keys = len(patched.patches)
-    with PeakRSS() as mem:
-        start = time.perf_counter()
-        patched.patch_model()
-        seconds = time.perf_counter() - start
+    runs = []
+    for i in range(repeats):
+        with PeakRSS() as mem:
+            start = time.perf_counter()
+            patched.patch_model()
+            seconds = time.perf_counter() - start
+        runs.append({"wall_s": seconds, "extra_rss_bytes": mem.extra, "load1": os.getloadavg()[0]})
+        if i < repeats - 1:
+            patched.unpatch_model()
     sd = patched.model.diffusion_model.state_dict()
     from safetensors.torch import save_file
 
     save_file({SAMPLE_KEY: sd[SAMPLE_KEY].contiguous()}, sample_out)
     print(json.dumps({"comfyui_version": _comfy_version(root), "torch": torch.__version__, "load_s": load_s,
-                      "patch_s": seconds, "extra_bytes": mem.extra, "patched_keys": keys,
+                      "runs": runs, "patch_s": statistics.median(r["wall_s"] for r in runs),
+                      "extra_bytes": runs[0]["extra_rss_bytes"], "patched_keys": keys,
                       "weight_dtype": str(sd[SAMPLE_KEY].dtype)}))
 
 
@@ -243,7 +249,7 @@ def _comfy_version(root: str) -> str:
         return "unknown"
 
 
-def run_comfy(shape, lora_path: Path, tmp: Path, ours_sample: torch.Tensor) -> dict | None:
+def run_comfy(shape, lora_path: Path, tmp: Path, ours_sample: torch.Tensor, repeats: int) -> dict | None:
     root = os.environ.get("COMFYUI_ROOT")
     if not root:
         print("\nComfyUI: skipped (set COMFYUI_ROOT=/work/comfyui to time ComfyUI's own patching)")
@@ -256,7 +262,8 @@ def run_comfy(shape, lora_path: Path, tmp: Path, ours_sample: torch.Tensor) -> d
     sample = tmp / "comfy_sample.safetensors"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent.parent),
                                                        os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([python, __file__, "--comfy-child", str(ckpt), str(lora_path), str(sample)],
+    proc = subprocess.run([python, __file__, "--comfy-child", str(ckpt), str(lora_path), str(sample),
+                           "--repeats", str(repeats)],
                           capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         print(f"\nComfyUI: failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -283,7 +290,7 @@ def main() -> int:
     parser.add_argument("--comfy-child", nargs=3, metavar=("CKPT", "LORA", "SAMPLE_OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.comfy_child:
-        comfy_child(*args.comfy_child)
+        comfy_child(*args.comfy_child, repeats=args.repeats)
         return 0
 
     from lora_ops import MergeOptions, MergeReport, load_lora, merge_loras, restore
@@ -317,44 +324,67 @@ def main() -> int:
                                   "repeats": args.repeats, "tile_bytes": DEFAULT_TILE_BYTES,
                                   "load_average_before": load_before,
                                   "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_")}
-    methods: dict[str, dict] = {}
     samples: dict[str, torch.Tensor] = {}
-    for exact in (True, False):
-        name = "ours_exact_undo" if exact else "ours_no_journal"
-        reports: list[MergeReport] = []
+    reports: dict[str, MergeReport] = {}
+    states: dict[str, object] = {}
 
-        def run(exact=exact, reports=reports):
+    def ours(exact: bool):
+        def run():
             report = MergeReport()
             state = merge_loras(weights, [(lora, 1.0)], options=MergeOptions(exact_undo=exact), report=report)
-            reports.append(report)
+            reports[str(exact)] = report
             return state
+        return run
 
-        m = measure(run, args.repeats, before=reset)
-        state = m.pop("last")
-        samples[name] = weights[SAMPLE_KEY].clone()
-        if exact:
-            restore(weights, state)
-            m["restore_bit_exact"] = all(torch.equal(weights[k], originals[k]) for k in targets)
-        m.update(peak_tile_bytes=reports[-1].peak_tile_bytes, journal_bytes=state.journal_bytes)
-        del state
-        m["tensor_peak_bytes"] = tensor_peak(run, before=reset)
-        methods[name] = m
-    m = measure(lambda: full_layer_fp32(weights, lora), args.repeats, before=reset)
-    m.pop("last")
-    samples["full"] = weights[SAMPLE_KEY].clone()
-    m["tensor_peak_bytes"] = tensor_peak(lambda: full_layer_fp32(weights, lora), before=reset)
-    methods["full_layer_fp32"] = m
-    m = measure(lambda: copy_floor(weights, originals), args.repeats)
-    m.pop("last")
-    m["bandwidth_gbs"] = 2 * merged_bytes / m["wall_s"] / 1e9
-    methods["copy_floor"] = m
+    fns = {"ours_exact_undo": ours(True), "ours_no_journal": ours(False),
+           "full_layer_fp32": lambda: full_layer_fp32(weights, lora),
+           "copy_floor": lambda: copy_floor(weights, originals)}
+    # Interleaved rounds (a, a', b, c, a, a', b, c, ...): on a shared machine whose load changes by the minute,
+    # the methods of one round see about the same conditions, so per-round ratios are the robust figures.
+    runs: dict[str, list[dict]] = {k: [] for k in fns}
+    for _ in range(args.repeats):
+        for name, fn in fns.items():
+            r, result = run_once(fn, before=None if name == "copy_floor" else reset)
+            runs[name].append(r)
+            if name.startswith("ours"):
+                states[name] = result
+                samples[name] = weights[SAMPLE_KEY].clone()
+            elif name == "full_layer_fp32":
+                samples["full"] = weights[SAMPLE_KEY].clone()
+            del result
+    methods = {name: summarise(r) for name, r in runs.items()}
+    reset()
+    exact_state = states.pop("ours_exact_undo")
+    methods["ours_exact_undo"].update(peak_tile_bytes=reports["True"].peak_tile_bytes,
+                                      journal_bytes=exact_state.journal_bytes)
+    methods["ours_no_journal"].update(peak_tile_bytes=reports["False"].peak_tile_bytes, journal_bytes=0)
+    # bit-exact restore from the merged state (merge once more, then restore)
+    reset()
+    state = merge_loras(weights, [(lora, 1.0)])
+    restore(weights, state)
+    methods["ours_exact_undo"]["restore_bit_exact"] = all(torch.equal(weights[k], originals[k]) for k in targets)
+    del state, exact_state, states
+    methods["ours_exact_undo"]["tensor_peak_bytes"] = tensor_peak(fns["ours_exact_undo"], before=reset)
+    methods["ours_no_journal"]["tensor_peak_bytes"] = tensor_peak(fns["ours_no_journal"], before=reset)
+    methods["full_layer_fp32"]["tensor_peak_bytes"] = tensor_peak(fns["full_layer_fp32"], before=reset)
+    reset()
+    merged_b = methods["copy_floor"]
+    merged_b["bandwidth_gbs"] = 2 * merged_bytes / merged_b["wall_s"] / 1e9
+    round_ratios = {}
+    for key in ("ours_exact_undo", "ours_no_journal"):
+        round_ratios[key] = {
+            "over_copy_floor": statistics.median(a["wall_s"] / c["wall_s"]
+                                                 for a, c in zip(runs[key], runs["copy_floor"])),
+            "over_full_layer": statistics.median(a["wall_s"] / b["wall_s"]
+                                                 for a, b in zip(runs[key], runs["full_layer_fp32"])),
+        }
     results.update(methods)
     results["load_average_after"] = os.getloadavg()
     diff = (samples["ours_exact_undo"].float() - samples["full"].float()).abs()
     results["sample_max_abs_diff_ours_vs_full"] = float(diff.max())
     results["sample_differing_elements"] = int((samples["ours_exact_undo"] != samples["full"]).sum())
 
-    print(f"\n{'method':44}{'wall s':>8}{'cpu s':>8}{'RSS+ MiB':>10}{'tensors MiB':>13}   wall runs (s)")
+    print(f"\n{'method':44}{'wall s':>8}{'min s':>8}{'cpu s':>8}{'RSS+ MiB':>10}{'tensors MiB':>13}   wall runs (s)")
     labels = {"ours_exact_undo": "(a) lora_ops tiles, exact undo (journal)",
               "ours_no_journal": "(a') lora_ops tiles, exact_undo=False",
               "full_layer_fp32": "(b) full-layer fp32 (ComfyUI arithmetic)",
@@ -363,7 +393,7 @@ def main() -> int:
         r = methods[key]
         rss = f"{r['extra_rss_bytes'] / MIB:10.0f}" if key != "copy_floor" else f"{'':>10}"
         tp = f"{r['tensor_peak_bytes'] / MIB:13.1f}" if "tensor_peak_bytes" in r else f"{'':>13}"
-        print(f"{label:44}{r['wall_s']:8.3f}{r['cpu_s']:8.3f}{rss}{tp}   "
+        print(f"{label:44}{r['wall_s']:8.3f}{r['wall_min_s']:8.3f}{r['cpu_s']:8.3f}{rss}{tp}   "
               + ", ".join(f"{x['wall_s']:.3f}" for x in r["runs"]))
     floor = methods["copy_floor"]
     print(f"copy floor bandwidth {floor['bandwidth_gbs']:.1f} GB/s (read + write); load average "
@@ -383,9 +413,11 @@ def main() -> int:
         r = methods[key]
         v = {"extra_rss_ours_over_full": r["extra_rss_bytes"] / full["extra_rss_bytes"],
              "tensor_peak_ours_over_full": r["tensor_peak_bytes"] / full["tensor_peak_bytes"],
-             "wall_ours_over_full": r["wall_s"] / full["wall_s"], "cpu_ours_over_full": r["cpu_s"] / full["cpu_s"],
-             "wall_ours_over_copy_floor": r["wall_s"] / floor["wall_s"],
+             "wall_ours_over_full": round_ratios[key]["over_full_layer"],
+             "cpu_ours_over_full": r["cpu_s"] / full["cpu_s"],
+             "wall_ours_over_copy_floor": round_ratios[key]["over_copy_floor"],
              "cpu_ours_over_copy_floor": r["cpu_s"] / floor["cpu_s"],
+             "min_wall_ours_over_min_copy_floor": r["wall_min_s"] / floor["wall_min_s"],
              "extra_rss_mib": r["extra_rss_bytes"] / MIB, "tensor_peak_mib": r["tensor_peak_bytes"] / MIB,
              "tensor_peak_without_journal_mib": (r["tensor_peak_bytes"] - r["journal_bytes"]) / MIB}
         verdicts[key] = v
@@ -397,9 +429,10 @@ def main() -> int:
         print(f"    extra memory ours/full-layer: RSS {v['extra_rss_ours_over_full']:.3f}, tensors "
               f"{v['tensor_peak_ours_over_full']:.3f} [<= 0.2: {mark(v['extra_rss_ours_over_full'] <= 0.2)} (RSS), "
               f"{mark(v['tensor_peak_ours_over_full'] <= 0.2)} (tensors)]")
-        print(f"    time ours/copy floor: wall {v['wall_ours_over_copy_floor']:.1f}, cpu "
-              f"{v['cpu_ours_over_copy_floor']:.1f} [<= 2: {mark(v['wall_ours_over_copy_floor'] <= 2)}]; "
-              f"time ours/full-layer: wall {v['wall_ours_over_full']:.2f}, cpu {v['cpu_ours_over_full']:.2f}")
+        print(f"    time ours/copy floor: wall {v['wall_ours_over_copy_floor']:.1f} (median of per-round ratios; "
+              f"fastest runs {v['min_wall_ours_over_min_copy_floor']:.1f}), cpu {v['cpu_ours_over_copy_floor']:.1f} "
+              f"[<= 2: {mark(v['wall_ours_over_copy_floor'] <= 2)}]; time ours/full-layer: wall "
+              f"{v['wall_ours_over_full']:.2f}, cpu {v['cpu_ours_over_full']:.2f}")
         print(f"    extra MiB: RSS {v['extra_rss_mib']:.0f}, tensors {v['tensor_peak_mib']:.1f} "
               f"({v['tensor_peak_without_journal_mib']:.1f} without the journal) [<= 64: "
               f"{mark(v['extra_rss_mib'] <= 64)} (RSS), {mark(v['tensor_peak_mib'] <= 64)} (tensors)]")
@@ -414,11 +447,14 @@ def main() -> int:
             print(text)
             results[f"profile_exact_undo_{exact}"] = text
 
-    comfy = run_comfy(shape, lora_path, tmp, samples["ours_exact_undo"])
+    comfy = run_comfy(shape, lora_path, tmp, samples["ours_exact_undo"], args.repeats)
     if comfy is not None:
         results["comfyui"] = comfy
+        comfy_runs = ", ".join(f"{r['wall_s']:.2f}" for r in comfy["runs"])
         print(f"\nComfyUI {comfy['comfyui_version']} (torch {comfy['torch']}, --cpu --bf16-unet), own process: "
-              f"patch_model() {comfy['patch_s']:.3f} s, extra RSS {comfy['extra_bytes'] / MIB:.0f} MiB, "
+              f"patch_model() {comfy['patch_s']:.3f} s (median; runs "
+              f"{comfy_runs} s), first-run extra RSS "
+              f"{comfy['extra_bytes'] / MIB:.0f} MiB, "
               f"{comfy['patched_keys']} patched keys, weights {comfy['weight_dtype']}; {SAMPLE_KEY} vs ours: "
               f"max |diff| {comfy['sample_max_abs_diff_vs_ours']:.3g} "
               f"({comfy['sample_differing_elements']} elements differ)")

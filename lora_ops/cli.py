@@ -184,12 +184,21 @@ def _cast(args: argparse.Namespace) -> int:
     return 0
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    """CUDA OOM, Python's MemoryError, or torch's CPU allocator failure (a plain RuntimeError)."""
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e)
+    )
+
+
 def _error_line(e: BaseException) -> str:
     """One line for stderr: what went wrong, with the file it concerns."""
     if isinstance(e, OSError):
         text = f"{e.filename}: {e.strerror or e}" if e.filename else str(e.strerror or e)
-    elif isinstance(e, (MemoryError, torch.OutOfMemoryError)):
-        text = f"out of memory ({e or 'no details'}); nothing was written. Free memory, or use --device cpu"
+    elif _out_of_memory(e):
+        detail = " ".join(str(e).split())[:200] or "no details"
+        text = (f"out of memory ({detail}); nothing was written. Free memory (close other programs) and run again, "
+                "or use --device cpu if it ran on the GPU")
     else:
         text = str(e)
     return " ".join(text.split())
@@ -203,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command][1](args)
-    except (LoRAOpsError, OSError, MemoryError, torch.OutOfMemoryError) as e:
+    except (LoRAOpsError, OSError, MemoryError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not _out_of_memory(e):
+            raise  # a bug: keep the traceback
         print(f"error: {_error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -308,30 +308,51 @@ def _scalar(t: torch.Tensor, path: Path, key: str) -> float:
     return value
 
 
-def _peft_alphas(metadata: dict[str, str]) -> tuple[float | None, dict[str, float]]:
-    """Default alpha and per-module alphas from PEFT's `lora_adapter_metadata` header entry."""
+def _peft_alphas(metadata: dict[str, str], path: Path | None = None) -> tuple[float | None, dict[str, float]]:
+    """Default alpha/r and per-module alphas from PEFT's `lora_adapter_metadata` header entry.
+
+    Refuses an entry it cannot read: the LoRA's scale would be unknown.
+    """
     raw = metadata.get("lora_adapter_metadata")
     if not raw:
         return None, {}
+    where = f"{path}: metadata entry 'lora_adapter_metadata'"
     try:
         config = json.loads(raw)
-    except json.JSONDecodeError:
-        return None, {}
+    except (ValueError, RecursionError):
+        config = None
+    if not isinstance(config, dict):
+        raise LoRAFormatError(f"{where} is not a JSON object, so the LoRA's alpha is unknown. {FIX_BROKEN}")
+
+    def positive(name: str, value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise LoRAFormatError(
+                f"{where}: {name} is {value!r}; it must be a positive number (it sets the LoRA's scale). {FIX_BROKEN}"
+            )
+        return float(value)
+
     alpha = config.get("lora_alpha")
     rank = config.get("r")
+    alpha = None if alpha is None else positive("lora_alpha", alpha)
+    rank = None if rank is None else positive("r", rank)
     pattern = config.get("alpha_pattern") or {}
-    return (float(alpha) / float(rank) if alpha and rank else None), {
-        k: float(v) for k, v in pattern.items() if isinstance(v, (int, float))
+    if not isinstance(pattern, dict):
+        raise LoRAFormatError(f"{where}: alpha_pattern is not a JSON object. {FIX_BROKEN}")
+    return (alpha / rank if alpha is not None and rank is not None else None), {
+        k: positive(f"alpha_pattern[{k!r}]", v) for k, v in pattern.items()
     }
 
 
 def _uses_split_qkv(metadata: dict[str, str]) -> bool | None:
+    """kohya's split_qkv flag from `ss_network_args`; None when absent or unreadable (then the layout decides)."""
     args = metadata.get("ss_network_args")
     if not args:
         return None
     try:
         parsed = json.loads(args)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(parsed, dict):
         return None
     return str(parsed.get("split_qkv", "false")).lower() == "true"
 
@@ -366,7 +387,7 @@ def _check_factor(path: Path, key: str, t: torch.Tensor) -> None:
     """A factor must be floating point and finite (checked here so the error names the exact key)."""
     if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise LoRAFormatError(
-            f"{path}: {key!r} has dtype {t.dtype}; LoRA factors must be floating point (fp16/bf16/fp32). {FIX_BROKEN}"
+            f"{path}: {key!r} has dtype {t.dtype}; LoRA factors must be fp16, bf16 or fp32. {FIX_BROKEN}"
         )
     if not bool(torch.isfinite(t).all()):
         raise LoRAFormatError(
@@ -528,7 +549,7 @@ def load_lora(
             continue
         modules.setdefault(module, {})[suffix] = (key, tensor)
 
-    peft_scale, peft_pattern = _peft_alphas(st.metadata)
+    peft_scale, peft_pattern = _peft_alphas(st.metadata, path)
     split_flag = _uses_split_qkv(st.metadata)
     targets: dict[str, list[Adapter]] = {}
     schemes: set[str] = set()

@@ -8,6 +8,7 @@ file and renames it only when everything succeeded.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -40,6 +41,16 @@ def refuse_overwriting_inputs(out: Path, inputs: Sequence[Path]) -> None:
             raise LoRAOpsError(f"{out}: refusing to write over an input file; choose another --out")
 
 
+def _check_finite(tensor: torch.Tensor, source_finite: bool, key: str, loras, model_path) -> None:
+    """A merge must not turn finite weights into Inf/NaN (strengths too large for the output dtype)."""
+    if source_finite and not bool(torch.isfinite(tensor).all()):
+        stack = ", ".join(f"{lora.path}:{s:g}" for lora, s in loras)
+        raise LoRAOpsError(
+            f"{model_path}: merging {stack} makes {key!r} overflow to Inf/NaN in {tensor.dtype}; nothing was "
+            "written. Lower the strengths, or write a wider dtype (--dtype fp32)."
+        )
+
+
 def merge_checkpoint(
     model_path: str | Path,
     loras: Sequence[tuple[LoRAFile, float]],
@@ -54,6 +65,9 @@ def merge_checkpoint(
     if dtype not in OUTPUT_DTYPES:
         raise LoRAOpsError(f"unknown --dtype {dtype!r}; choose one of {', '.join(OUTPUT_DTYPES)} (or fp8)")
     refuse_overwriting_inputs(out_path, [Path(model_path), *(lora.path for lora, _ in loras)])
+    for lora, strength in loras:
+        if not math.isfinite(strength):
+            raise LoRAOpsError(f"{lora.path}: strength {strength} is not a finite number; give one such as 0.8")
     model = open_flux_checkpoint(model_path)
     shapes = {strip_model_prefix(k)[1]: model.shape(k) for k in model.keys()}
     for lora, _ in loras:
@@ -80,10 +94,12 @@ def merge_checkpoint(
             tensor = model.get(key)
             name = strip_model_prefix(key)[1]
             if name in targets:
+                source_finite = bool(torch.isfinite(tensor).all())
                 work = tensor.float() if want != tensor.dtype else tensor
                 merge_loras({name: work}, [(lora.only({name}), s) for lora, s in loras], options=options)
-                tensor = work
+                tensor = work.to(want)
                 merged += 1
+                _check_finite(tensor, source_finite, key, loras, model_path)
             writer.write(key, tensor.to(want))
             if progress is not None:
                 progress(i + 1, total)

@@ -18,21 +18,32 @@ comfy/model_patcher.py and comfy/model_management.py):
   correct. All other weights are merged *after* it, on the device ComfyUI moved them to.
 
 * What is merged into the shared module is recorded on the module itself (`model.flux_lora_ops_record`:
-  the `MergeState` journal, weak references to the exact Parameter objects that were merged, the
-  patcher uuid that owns the weights). Undo goes through ComfyUI's *shared* backup dict: the entry
+  the `MergeState` journal, the plan's identity, the patcher uuid that owns the weights, the compute
+  device and tile size to undo with). Undo goes through ComfyUI's *shared* backup dict: the entry
   `backup["flux_lora_ops_undo"] = (weight, inplace_update=True)` makes `unpatch_model` call
   `comfy.utils.copy_to_param(model, "flux_lora_ops_undo", w)`, i.e. `model.flux_lora_ops_undo.data.copy_(w)`,
-  and that object runs `lora_ops.restore` on the recorded Parameters (bit-exact). ComfyUI unpatches
+  and that object runs `lora_ops.restore` (bit-exact) on the module's weights as they are at that moment.
+  The entry is kept *last* in the dict, so ComfyUI's own restores have run by then and every weight name
+  holds base + our stack (ComfyUI restores with `set_attr_param`, i.e. a *new* Parameter around the
+  original storage, so the merged Parameter objects themselves cannot be tracked). ComfyUI unpatches
   whenever a clone with another `patches_uuid` loads (`partially_load`), on `/free` and on unload, so
-  any branch that loads after ours sees the untouched base weights. The entry is kept last in the dict
-  so that ComfyUI's own restores run first.
+  any branch that loads after ours sees the untouched base weights.
+
+* ComfyUI runs nodes under `torch.inference_mode()`, so the weights are inference tensors; every engine
+  call runs in inference mode, because ComfyUI's unload (`/free`) runs outside it.
 
 * `partially_load()`: when the module holds exactly another plan of this pack and neither side has
-  ComfyUI weight patches, hooks or weight wrappers, the weights are moved from the old stack to the
-  new one in one pass (`merge_loras(..., state=old)`) and ComfyUI is told the weights are already the
-  new clone's (`current_weight_patches_uuid`), so it neither unpatches nor reloads: a strength change
-  is an in-place incremental update. In every other case ComfyUI unpatches (our undo runs), then
-  `load()` merges again, both in place (no file is read again).
+  ComfyUI weight patches, hooks, weight wrappers, replaced diffusion modules or an fp8 step, the weights
+  are moved from the old stack to the new one in one pass (`merge_loras(..., state=old)`) and ComfyUI is
+  told the weights are already the new clone's (`current_weight_patches_uuid`), so it neither unpatches
+  nor reloads: a strength change is an in-place incremental update. In every other case ComfyUI
+  unpatches (our undo runs), then `load()` merges again, both in place (no file is read again).
+
+* fp8 (`attach_fp8`, node CastFluxFP8): the Linears a `lora_ops.fp8` policy selects get empty `FP8Linear`
+  slots as ComfyUI object patches. `load()` fills each slot from the untouched 16-bit original (found in
+  `object_patches_backup`) plus the plan's LoRA terms with `quantize_merged` (merge-then-quantise, one
+  rounding, fresh scale); the in-place merge skips those layers. Undo empties the slots; ComfyUI puts the
+  originals back itself. The clone's `size` is the fp8 size, so ComfyUI plans VRAM for what it loads.
 
 Interrupt: `MergeOptions.on_tile` calls `throw_exception_if_processing_interrupted()`; the engine then
 rolls every touched tile back to its exact previous bits. Progress: a `comfy.utils.ProgressBar` over
@@ -188,6 +199,52 @@ class _Undo:
         return "<flux_lora_ops undo entry>"
 
 
+def original_modules(patcher) -> dict[str, torch.nn.Module]:
+    """The diffusion model's modules as loaded, seeing through object patches applied now.
+
+    ComfyUI applies a clone's object patches (our fp8 slots among them) when it loads that clone and takes them
+    out only at the next unpatch, so at node time the shared module may hold another clone's replacements;
+    `object_patches_backup` (shared by all clones) holds what they replaced.
+    """
+    backup = getattr(patcher, "object_patches_backup", None) or {}
+    out: dict[str, torch.nn.Module] = {}
+    replaced: list[str] = []
+    for name, module in patcher.model.diffusion_model.named_modules():
+        if any(name.startswith(r + ".") or r == "" for r in replaced):
+            continue  # inside a subtree that an object patch replaced: the original's subtree is used
+        original = backup.get(f"diffusion_model.{name}" if name else "diffusion_model")
+        if original is None or original is module:
+            out[name] = module
+            continue
+        replaced.append(name)
+        for sub, m in original.named_modules():
+            out[f"{name}.{sub}" if name and sub else name or sub] = m
+    return out
+
+
+def original_params(patcher) -> dict[str, torch.nn.Parameter]:
+    """Name -> Parameter of the diffusion model as loaded (see original_modules)."""
+    out = {}
+    for name, module in original_modules(patcher).items():
+        for pname, p in module.named_parameters(recurse=False):
+            out[f"{name}.{pname}" if name else pname] = p
+    return out
+
+
+def original_size(patcher) -> int:
+    """Bytes of the diffusion model's weights as loaded (what ModelPatcher.size holds for a plain model)."""
+    total = 0
+    for module in original_modules(patcher).values():
+        for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+            total += t.numel() * t.element_size()
+    other = sum(
+        t.numel() * t.element_size()
+        for n, t in patcher.model.state_dict().items()
+        if not n.startswith("diffusion_model.")
+    )
+    return total + other
+
+
 def _diffusion_params(model) -> dict[str, torch.nn.Parameter]:
     return dict(model.diffusion_model.named_parameters())
 
@@ -263,13 +320,15 @@ def _register_undo(patcher) -> None:
 
 
 def _is_clean(patcher) -> bool:
-    """No ComfyUI weight patches, weight wrappers or hooks: the weights are base + our stack only."""
+    """No ComfyUI weight patches, weight wrappers, hooks or replaced diffusion-model modules (object patches such
+    as ModelSamplingFlux's `model_sampling` hold no weights): the weights are base + our stack only."""
     return not (
         patcher.patches
         or patcher.weight_wrapper_patches
         or patcher.hook_patches
         or patcher.hook_backup
         or patcher.current_hooks is not None
+        or any(k.startswith("diffusion_model.") for k in patcher.object_patches)
     )
 
 
@@ -482,7 +541,7 @@ def _make_step(model, policy: str, rounding: str, fp8_matmul: bool) -> tuple[FP8
     if rounding not in fp8.ROUNDINGS:
         raise LoRAOpsError(f"rounding {rounding!r}: use one of {', '.join(fp8.ROUNDINGS)}")
     slots, saved = [], 0
-    for name, module in model.model.diffusion_model.named_modules():
+    for name, module in original_modules(model).items():
         if isinstance(module, torch.nn.Linear) and pol.selects(f"{name}.weight", module.weight.shape):
             slot = fp8.FP8Linear.from_quantized(
                 torch.empty((0, module.in_features), dtype=torch.float8_e4m3fn), 1.0, None, fp8_matmul=fp8_matmul
@@ -508,9 +567,9 @@ def _apply_plan(model, plan: MergePlan):
         plan = dataclasses.replace(plan, fp8=step)  # fresh slots: never shared with another stack
         for name, slot in step.slots:
             m.add_object_patch("diffusion_model." + name, slot)
-        m.size = comfy.model_management.module_size(model.model) - saved
+        m.size = original_size(model) - saved
     elif previous is not None and previous.fp8 is not None:
-        m.size = comfy.model_management.module_size(model.model)
+        m.size = original_size(model)
     m.set_attachments(ATTACHMENT, plan)
     m.patches_uuid = uuid.uuid4()
     m.__class__ = _merging_class(type(m))
@@ -554,22 +613,22 @@ def _merging_class(base: type) -> type:
 def check_model(model, entries: Iterable[StackEntry]) -> None:
     """Raise a clear error now (not at sampling) if a LoRA does not fit the MODEL or its weights."""
     base = getattr(model, "model", None)
-    diffusion = getattr(base, "diffusion_model", None)
-    if diffusion is None:
+    if getattr(base, "diffusion_model", None) is None or not hasattr(model, "object_patches_backup"):
         raise ModelMismatchError("the MODEL input is not a diffusion model patcher (no model.diffusion_model)")
-    shapes = {k: tuple(p.shape) for k, p in diffusion.named_parameters()}
+    params = original_params(model)
     name = type(base).__name__
     for entry in entries:
-        check_fits(entry.lora, shapes.get, model_name=f"this {name} model")
-    dtypes = {k: p.dtype for k, p in diffusion.named_parameters()}
+        check_fits(
+            entry.lora, lambda key: tuple(params[key].shape) if key in params else None, model_name=f"this {name} model"
+        )
     for entry in entries:
         for key in entry.lora.targets:
-            if dtypes[key] not in _STORAGE_DTYPES:
+            if params[key].dtype not in _STORAGE_DTYPES:
                 raise LoRAOpsError(
-                    f"{entry.name}: weight {key!r} is stored as {dtypes[key]}, which the in-place "
+                    f"{entry.name}: weight {key!r} is stored as {params[key].dtype}, which the in-place "
                     "merge cannot write; use a bf16/fp16/fp8 model."
                 )
-    for module_name, module in diffusion.named_modules():
+    for module_name, module in original_modules(model).items():
         if getattr(module, "scale_weight", None) is not None:
             raise LoRAOpsError(
                 f"this model stores scaled fp8 weights ({module_name}.scale_weight); merging in place into them is "

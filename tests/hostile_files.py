@@ -299,6 +299,21 @@ def _text_encoder_only(path: Path) -> Path:
     return _save(t)(path)
 
 
+def _peft(metadata: str) -> Callable[[Path], Path]:
+    """A diffusers (PEFT) LoRA without alpha keys whose `lora_adapter_metadata` header entry is `metadata`."""
+
+    def make(path: Path) -> Path:
+        h = TINY.hidden
+        down, up = lora_factors(LORA_SEED, MODULE, 3 * h, h, RANK)
+        tensors = {f"transformer.transformer_blocks.0.attn.{n}.lora_{ab}.weight": t.clone()
+                   for i, n in enumerate(("to_q", "to_k", "to_v"))
+                   for ab, t in (("A", down), ("B", up[i * h : (i + 1) * h]))}
+        save_file(tensors, str(path), metadata={"lora_adapter_metadata": metadata})
+        return path
+
+    return make
+
+
 def _factory(fmt: str, shape: FluxShape = TINY, **kw) -> Callable[[Path], Path]:
     def make(path: Path) -> Path:
         write_lora(fmt, path, shape, RANK, LORA_SEED, **kw)
@@ -400,6 +415,8 @@ HOSTILE: tuple[Hostile, ...] = (
             "LoRAFormatError", r"torch\.int32", key=DOWN),
     Hostile("factor_int8", "int8.safetensors", _with(UP, lambda t: (t * 100).to(torch.int8)), "LoRAFormatError",
             r"torch\.int8", key=UP),
+    Hostile("factor_fp8", "fp8.safetensors", _with(DOWN, lambda t: t.to(torch.float8_e4m3fn)), "LoRAFormatError",
+            r"float8_e4m3fn", key=DOWN),
     Hostile("factor_nan", "nan.safetensors", _with(UP, _poke(float("nan"))), "LoRAFormatError", r"NaN or Inf",
             key=UP),
     Hostile("factor_inf", "inf.safetensors", _with(DOWN, _poke(float("inf"))), "LoRAFormatError", r"NaN or Inf",
@@ -438,6 +455,25 @@ HOSTILE: tuple[Hostile, ...] = (
     Hostile("dora_magnitude_shape", "dora.safetensors",
             _mutated(**{f"{STEM}__dora_scale": torch.ones(1, 7)}), "LoRAFormatError", r"magnitude.*\(1, 7\)",
             key=f"{STEM}.dora_scale"),
+    # --- metadata that sets the scale, unreadable or absurd -------------------------------------------------
+    Hostile("peft_metadata_not_object", "peft_list.safetensors", _peft("[8, 4]"), "LoRAFormatError",
+            r"not a JSON object", key="lora_adapter_metadata"),
+    Hostile("peft_metadata_not_json", "peft_json.safetensors", _peft("{lora_alpha: 8"), "LoRAFormatError",
+            r"not a JSON object", key="lora_adapter_metadata"),
+    Hostile("peft_alpha_not_a_number", "peft_str.safetensors", _peft('{"lora_alpha": "eight", "r": 4}'),
+            "LoRAFormatError", r"lora_alpha is 'eight'.*positive number", key="lora_adapter_metadata"),
+    Hostile("peft_alpha_negative", "peft_neg.safetensors", _peft('{"lora_alpha": -8, "r": 4}'), "LoRAFormatError",
+            r"lora_alpha is -8.*positive number", key="lora_adapter_metadata"),
+    Hostile("peft_alpha_zero", "peft_zero.safetensors", _peft('{"lora_alpha": 0, "r": 4}'), "LoRAFormatError",
+            r"lora_alpha is 0.*positive number", key="lora_adapter_metadata"),
+    Hostile("peft_rank_zero", "peft_r0.safetensors", _peft('{"lora_alpha": 8, "r": 0}'), "LoRAFormatError",
+            r"\br is 0.*positive number", key="lora_adapter_metadata"),
+    Hostile("peft_pattern_nan", "peft_nan.safetensors",
+            _peft('{"lora_alpha": 8, "r": 4, "alpha_pattern": {"transformer.transformer_blocks.0.attn.to_q": NaN}}'),
+            "LoRAFormatError", r"alpha_pattern.*is nan", key="transformer.transformer_blocks.0.attn.to_q"),
+    Hostile("peft_pattern_negative", "peft_pneg.safetensors",
+            _peft('{"lora_alpha": 8, "r": 4, "alpha_pattern": {"transformer.transformer_blocks.0.attn.to_k": -3}}'),
+            "LoRAFormatError", r"alpha_pattern.*is -3", key="transformer.transformer_blocks.0.attn.to_k"),
     # --- one target, two naming schemes ---------------------------------------------------------------------
     Hostile("two_schemes_prefix", "two_prefix.safetensors", _two_schemes_prefix, "LoRAFormatError",
             r"two naming schemes", key=f"diffusion_model.{MODULE}.lora_down.weight"),

@@ -552,3 +552,23 @@ def test_fp8_cast_interrupt_leaves_base(comfy, pack, rt, plain, base, loras, mon
     assert not _fp8_layers(comfy, pack, plain)
     assert_equal(weights(plain), base)
     assert all(slot.weight.numel() == 0 for _, slot in cast.attachments[rt.ATTACHMENT].fp8.slots)
+
+
+def test_nodes_see_through_another_clones_fp8_slots(comfy, pack, rt, plain, base, loras):
+    """After a cast clone loaded, its FP8Linear slots stay in the shared module until the next unpatch."""
+    cast = rt.attach_fp8(plain, "default")
+    load(comfy, cast)
+    assert _fp8_layers(comfy, pack, plain)
+    merged = rt.attach_plan(plain, [entry(rt, loras["a"], 1.0)])  # node time, slots still in the tree
+    cast_again = rt.attach_fp8(merged, "quality")
+    assert cast_again.model_size() > cast.model_size()  # quality keeps the modulation Linears 16-bit
+    load(comfy, merged)
+    assert_equal(weights(merged), fresh_merge(pack, base, [(loras["a"], 1.0)]))
+    load(comfy, cast_again)
+    expected = _fp8_reference(pack, base, [(loras["a"], 1.0)], policy="quality")
+    layers = _fp8_layers(comfy, pack, cast_again)
+    assert set(layers) == set(expected)
+    for key, (q, _) in expected.items():
+        assert torch.equal(layers[key].weight.view(torch.uint8), q.view(torch.uint8)), key
+    load(comfy, plain)
+    assert_equal(weights(plain), base)

@@ -1,7 +1,9 @@
 """Properties of the merge engine (hypothesis) over random small Flux models, LoRA stacks, strengths and tiles.
 
 * the result does not depend on the tile size (bit-exact);
-* nor on the order of the LoRAs (up to one rounding: <= 1 ulp);
+* nor on the order of the LoRAs (up to one rounding: <= 1 ulp of the result, plus the fp32 accumulation error
+  of summing the terms in another order, which exceeds 1 ulp only where the terms cancel to almost 0: there the
+  bf16 ulp of the result is far below the fp32 rounding of the terms; see `order_tolerance`);
 * merge then restore gives back the original bits;
 * a run of 2-5 strength changes (each call passing the previous state) ends bit-exact equal to a fresh merge at
   the final strengths, and restore after it gives the original bits;
@@ -30,7 +32,8 @@ from lora_ops import MergeOptions, load_lora, merge_loras, restore
 from lora_ops.errors import LoRAFormatWarning
 from lora_ops.flux import FluxShape
 
-COUNTS: Counter = Counter()
+COUNTS: Counter = Counter()  # examples run, per property
+STATS: Counter = Counter()  # elements more than 1 ulp apart (all where terms cancel; within the fp32 tolerance)
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
@@ -41,7 +44,7 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
-    print(f"\n[test_properties] examples run: {dict(COUNTS)}, total {sum(COUNTS.values())}")
+    print(f"\n[test_properties] examples run: {dict(COUNTS)}, total {sum(COUNTS.values())}; {dict(STATS)}")
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -57,6 +60,7 @@ class _Cache:
         self.root = root
         self.bases: dict[FluxShape, dict[str, torch.Tensor]] = {}
         self.loras: dict[tuple, object] = {}
+        self.cases: dict[tuple, object] = {}
 
     def base(self, shape: FluxShape) -> dict[str, torch.Tensor]:
         if shape not in self.bases:
@@ -67,7 +71,7 @@ class _Cache:
         key = (shape, fmt, rank, seed)
         if key not in self.loras:
             path = self.root / f"{len(self.loras)}-{fmt}-r{rank}-s{seed}.safetensors"
-            write_lora(fmt, path, shape, rank, seed, base=self.base(shape))
+            self.cases[key] = write_lora(fmt, path, shape, rank, seed, base=self.base(shape))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", LoRAFormatWarning)
                 self.loras[key] = load_lora(path)
@@ -130,6 +134,47 @@ def max_ulps(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[in
     return worst, where
 
 
+def order_tolerance(cache, shape, specs, values) -> dict[str, torch.Tensor]:
+    """Per element: how far two summation orders of the fp32 terms may drift, 2 n 2^-24 (|W| + sum |s_i dW_i|).
+
+    The magnitudes come from the factory's float64 deltas (independent of lora_ops); set-weight keys (control
+    LoRA norm scales) count |s| |value - W|.
+    """
+    base = cache.base(shape)
+    mag = {k: v.double().abs() for k, v in base.items()}
+    for spec, strength in zip(specs, values, strict=True):
+        case = cache.cases[(shape, *spec)]
+        for k, delta in case.exact.items():
+            mag[k] = mag[k] + abs(strength) * delta.abs()
+        for k, value in case.replaced.items():
+            mag[k] = mag[k] + abs(strength) * (value.double() - base[k].double()).abs()
+    n = len(specs) + 1
+    return {k: 2 * n * 2.0**-24 * m for k, m in mag.items()}
+
+
+def within_one_rounding(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tol: dict[str, torch.Tensor]
+                        ) -> tuple[int, str | None, int]:
+    """(elements off by more than 1 ulp + tol, first such key, elements off by more than 1 ulp at all)."""
+    bad, where, over_one = 0, None, 0
+    for k in a:
+        x, y = a[k].double(), b[k].double()
+        ulp = torch.maximum(_ulp(a[k]), _ulp(b[k]))
+        diff = (x - y).abs()
+        over_one += int((diff > ulp).sum())
+        n = int((diff > ulp + tol[k]).sum())
+        if n and where is None:
+            where = k
+        bad += n
+    return bad, where, over_one
+
+
+def _ulp(t: torch.Tensor) -> torch.Tensor:
+    """The spacing of t's dtype at each element's magnitude (float64)."""
+    ints = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}[t.dtype]
+    magnitude = t.abs().contiguous()
+    return (magnitude.view(ints) + 1).view(t.dtype).double() - magnitude.double()
+
+
 def merged(cache, shape, stack, tile: int, state=None, sd=None):
     sd = copy(cache.base(shape)) if sd is None else sd
     new_state = merge_loras(sd, stack, state=state, options=MergeOptions(tile_bytes=tile, min_tile_bytes=1024))
@@ -154,12 +199,14 @@ def test_result_does_not_depend_on_tile_size(cache, shape, specs, data, tile_a, 
 @given(shape=shapes, specs=st.lists(lora_specs, min_size=2, max_size=3), data=st.data(), tile=tiles)
 def test_result_does_not_depend_on_lora_order(cache, shape, specs, data, tile):
     COUNTS["order"] += 1
-    stack = cache.stack(shape, specs, data.draw(st.lists(strengths, min_size=len(specs), max_size=len(specs))))
+    values = data.draw(st.lists(strengths, min_size=len(specs), max_size=len(specs)))
+    stack = cache.stack(shape, specs, values)
     order = data.draw(st.permutations(range(len(stack))))
     a, _ = merged(cache, shape, stack, tile)
     b, _ = merged(cache, shape, [stack[i] for i in order], tile)
-    worst, where = max_ulps(a, b)
-    assert worst <= 1, f"order {list(order)}: {where} differs by {worst} ulp"
+    bad, where, over_one = within_one_rounding(a, b, order_tolerance(cache, shape, specs, values))
+    STATS["order: elements > 1 ulp"] += over_one
+    assert not bad, f"order {list(order)}: {bad} elements of e.g. {where} differ by more than one rounding"
 
 
 @settings(max_examples=25, **SETTINGS)
@@ -199,6 +246,31 @@ def test_one_lora_in_three_formats_merges_the_same(cache, shape, rank, seed, str
                for fmt in ("kohya", "bfl", "diffusers_alpha")}
     bad = differing(results["kohya"], results["bfl"])
     assert not bad, f"kohya vs bfl: {bad[:3]}"
+    tol = order_tolerance(cache, shape, [("kohya", rank, seed)], [strength])
     for a, b in itertools.combinations(results, 2):
         worst, where = max_ulps(results[a], results[b])
-        assert worst <= 1, f"{a} vs {b}: {where} differs by {worst} ulp"
+        n_bad, bad_key, over_one = within_one_rounding(results[a], results[b], tol)
+        STATS["formats: elements > 1 ulp"] += over_one
+        assert not n_bad, f"{a} vs {b}: {bad_key} differs by {worst} ulp, more than one rounding"
+
+
+def test_order_near_cancellation(cache):
+    """Deterministic companion of the order property: kohya and kohya_noalpha share factors (the latter is 2x),
+    so strengths s and about -s/2 cancel. Where W + sum(terms) is almost 0 the two orders can differ by more
+    than 1 bf16 ulp (seen: 2 ulp at |W'| ~ 1e-7 with |W| ~ 1e-2); they must stay within the fp32 tolerance."""
+    import random
+
+    shape = FluxShape(hidden=32, depth=1, depth_single=2, heads=2, in_channels=8, out_channels=8, context_dim=8,
+                      vec_dim=8, time_dim=16)
+    specs = [("kohya", 1, 0), ("lokr", 1, 0), ("kohya_noalpha", 1, 0)]
+    rng = random.Random(0)
+    for trial in range(40):
+        values = [rng.uniform(-2, 2) for _ in specs]
+        if trial % 3 == 0:
+            values[2] = -values[0] / 2 + rng.uniform(-1e-3, 1e-3)
+        stack = cache.stack(shape, specs, values)
+        a, _ = merged(cache, shape, stack, 1 << 20)
+        b, _ = merged(cache, shape, [stack[0], stack[2], stack[1]], 1 << 20)
+        bad, where, over_one = within_one_rounding(a, b, order_tolerance(cache, shape, specs, values))
+        STATS["cancellation example: elements > 1 ulp"] += over_one
+        assert not bad, f"trial {trial}: {where} differs by more than one rounding"

@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from lora_ops import FluxShape, load_lora, merge_loras
 from lora_ops.flux import flux_weight_shapes
+from lora_ops.merge import terms_by_target
 from lora_ops.synthetic import kohya_lora_tensors
 
 SAVE_PREFIX = "model.diffusion_model."
@@ -487,9 +488,57 @@ def test_core_lora_loader_before_and_after_ours(comfy_server, base, loras, order
     free(comfy_server)
 
 
+# --------------------------------------------------------------------------------------------- fp8 cast
+
+
+def test_fp8_cast_branch_next_to_plain_branch(comfy_server, base, loras):
+    """LoRA merged then cast to fp8 on one branch, the plain model saved on another, in one queue."""
+    from lora_ops import fp8
+
+    plain_prefix, cast_prefix = unique("fp8_plain"), unique("fp8_cast")
+    prompt = {
+        "unet": unet(),
+        "lora": load_node(loras["small"], 1.0),
+        "merge": merge_node("unet", "lora"),
+        "cast": {"class_type": "CastFluxFP8", "inputs": {"model": ["merge", 0], "policy": "default"}},
+        "save_plain": save_node("unet", plain_prefix),
+        "save_cast": save_node("cast", cast_prefix),
+    }
+    cast_node = sample_nodes(prompt, "cast", "fp8", "latents/fp8_cast")
+    plain_node = sample_nodes(prompt, "unet", "plain", "latents/fp8_plain")
+    entry = comfy_server.run(prompt, timeout=1800)
+    assert "fp8 (default" in entry["outputs"]["cast"]["text"][0]
+    assert_file_equals(saved_file(comfy_server, plain_prefix), base)
+    cast_latent, plain_latent = latent_of(comfy_server, entry, cast_node), latent_of(comfy_server, entry, plain_node)
+    assert torch.isfinite(cast_latent).all() and not torch.equal(cast_latent, plain_latent)
+    # ModelSave of the fp8 branch: each fp8 layer is the merge-then-quantise of the untouched bf16 original
+    # (the file has no scaled_fp8 marker: ModelSave is not a way to write fp8 checkpoints; see the CLI for that)
+    terms = terms_by_target([(load_lora(comfy_server.loras_dir / loras["small"]), 1.0)])
+    with safe_open(str(saved_file(comfy_server, cast_prefix)), framework="pt") as f:
+        fp8_keys = [k for k in base if fp8.get_policy("default").selects(k, base[k].shape)]
+        assert fp8_keys
+        for key in fp8_keys:
+            q, scale = fp8.quantize_merged(base[key], terms.get(key, []), key=key)
+            got = f.get_tensor(SAVE_PREFIX + key)
+            assert got.dtype == torch.float8_e4m3fn and torch.equal(got.view(torch.uint8), q.view(torch.uint8)), key
+            assert torch.equal(f.get_tensor(SAVE_PREFIX + key.removesuffix(".weight") + ".scale_weight"), scale)
+    alone = unique("after_fp8_alone")
+    comfy_server.run(
+        {
+            "unet": unet(),
+            "lora": load_node(loras["small"], 1.0),
+            "merge": merge_node("unet", "lora"),
+            "save": save_node("merge", alone),
+        },
+        timeout=1800,
+    )
+    assert_file_equals(saved_file(comfy_server, alone), fresh_merge(comfy_server, base, [(loras["small"], 1.0)]))
+    free(comfy_server)
+
+
 # --------------------------------------------------------------------------------------------- 6. registration
 
-OUR_NODES = ("LoadFluxLoRA", "MergeLoRAIntoModel", "VRAMReport")
+OUR_NODES = ("LoadFluxLoRA", "MergeLoRAIntoModel", "CastFluxFP8", "VRAMReport")
 
 
 def _node_signature(info: dict) -> dict:
