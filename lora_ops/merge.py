@@ -15,7 +15,7 @@ touched tile back to its exact previous bits.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -140,6 +140,17 @@ class MergeState:
     @property
     def journal_bytes(self) -> int:
         return sum(j.nbytes for j in self.journals.values())
+
+    @classmethod
+    def combine(cls, stack: list[tuple[LoRAFile, float]], parts: Iterable[MergeState | None]) -> MergeState:
+        """One state for a stack that was merged in several calls over disjoint sets of weights."""
+        out = cls(list(stack))
+        for part in parts:
+            if part is not None:
+                out.journals.update(part.journals)
+                out.dora_norms.update(part.dora_norms)
+                out.codec_state.update(part.codec_state)
+        return out
 
 
 @dataclass

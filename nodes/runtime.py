@@ -259,17 +259,6 @@ def _options(compute_device, tile_bytes: int, interruptible: bool, progress=None
     return MergeOptions(tile_bytes=tile_bytes, compute_device=compute_device, on_tile=on_tile, progress=progress)
 
 
-def _union(stack: list[tuple[LoRAFile, float]], parts: Iterable[MergeState | None]) -> MergeState:
-    """One state for a stack merged in several calls over disjoint key sets."""
-    out = MergeState(list(stack))
-    for part in parts:
-        if part is not None:
-            out.journals.update(part.journals)
-            out.dora_norms.update(part.dora_norms)
-            out.codec_state.update(part.codec_state)
-    return out
-
-
 def _touched(pairs: list[tuple[LoRAFile, float]]) -> set[str]:
     return {k for lora, s in pairs if s != 0.0 for k in lora.targets}
 
@@ -413,7 +402,7 @@ def _merge_at_load(patcher, plan: MergePlan, original_load, load_args: tuple, lo
         raise
     # The state names only what was merged in place (the fp8 step's layers come from untouched originals).
     merged_pairs = pairs if plan.fp8 is None else [(lora.only(touched), s) for lora, s in pairs]
-    state = _union(merged_pairs, (pre_state, post_state))
+    state = MergeState.combine(merged_pairs, (pre_state, post_state))
     model.__dict__[RECORD_ATTR] = Record(
         state=state,
         token=plan.token,
