@@ -64,13 +64,19 @@ class Adapter(ABC):
 
         Rows are computed in fixed blocks of `ROW_BLOCK` (relative to this adapter), whatever the
         tile: a matmul's rounding can depend on how many rows it is given, and the exact undo
-        needs the very same fp32 change every time.
+        needs the very same fp32 change every time. The last block is kept, so tiles smaller than
+        a block (or ending inside one) do not compute it again.
         """
         block = ROW_BLOCK
         b = (start // block) * block
         while b < stop:
             b1 = min(b + block, self.shape[0])
-            piece = self.rows(b, b1)
+            cached = self.__dict__.get("_last_block")
+            if cached is not None and cached[0] == b:
+                piece = cached[1]
+            else:
+                piece = self.rows(b, b1)
+                self._last_block = (b, piece)
             lo, hi = max(start, b), min(stop, b1)
             out[lo - start : hi - start].add_(piece[lo - b : hi - b], alpha=coeff * self.scale)
             b = b1

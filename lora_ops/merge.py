@@ -15,13 +15,14 @@ touched tile back to its exact previous bits.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from .adapters import ROW_BLOCK, Adapter, DoRA
-from .errors import ModelMismatchError
+from .errors import LoRAOpsError, ModelMismatchError
 from .flux import strip_model_prefix
 from .formats import LoRAFile, check_fits
 
@@ -163,7 +164,7 @@ class MergeOptions:
     progress: Callable[[int, int], None] | None = None  # (elements done, elements total)
     codec_for: Callable[[str, torch.Tensor], Codec] | None = None
     min_tile_bytes: int = 1 << 20  # out-of-memory retries halve the tile down to this
-    exact_undo: bool = True  # keep the journal (off for merges into a copy, e.g. the offline writer)
+    exact_undo: bool = True  # keep the journal after the call (off for merges into a copy, e.g. the offline writer)
 
 
 @dataclass
@@ -294,7 +295,7 @@ class _KeyJob:
         delta = self._delta(self.new, r0, r1, base)
         # No new terms: write the recovered original bits themselves (base + 0 would turn -0 into +0).
         out_stored = self.codec.encode(base + delta, self.key, r0, "new") if self.new else base_stored.clone()
-        if self.exact_undo and (self.new or self.old):
+        if self.new or self.old:  # recorded even without exact_undo: a failure must roll back exactly
             out = self.codec.decode(out_stored, "new")
             if self.new:
                 before = self._before(out, self.new, self.new_linear, r0, r1, delta if self.new_linear else None)
@@ -332,7 +333,7 @@ class _KeyJob:
         self.codec.rollback()
 
     def finished_journal(self) -> Journal | None:
-        return self.new_journal if self.new else None
+        return self.new_journal if (self.new and self.exact_undo) else None
 
 
 def _negated(terms):
@@ -344,13 +345,18 @@ def _tiles(rows: int, tile_rows: int) -> Iterator[tuple[int, int]]:
         yield r0, min(rows, r0 + tile_rows)
 
 
-def tile_rows_for(cols: int, tile_bytes: int) -> int:
-    """Rows per tile so that the fp32 working buffers fit in `tile_bytes`.
+def working_bytes(rows: int, cols: int, blocks: int) -> int:
+    """fp32 working memory of one tile: its buffers plus one cached row block per adapter term."""
+    return (rows * _FP32_BUFFERS + blocks * ROW_BLOCK) * cols * 4
+
+
+def tile_rows_for(cols: int, tile_bytes: int, blocks: int = 1) -> int:
+    """Rows per tile so that `working_bytes` fits in `tile_bytes` (at least one row).
 
     Whole multiples of the adapters' row block where the budget allows, so no block's change is
     computed twice at a tile boundary.
     """
-    rows = max(1, tile_bytes // (_FP32_BUFFERS * 4 * max(cols, 1)))
+    rows = max(1, (tile_bytes // (4 * max(cols, 1)) - blocks * ROW_BLOCK) // _FP32_BUFFERS)
     return rows - rows % ROW_BLOCK if rows >= ROW_BLOCK else rows
 
 
@@ -370,19 +376,30 @@ def merge_loras(
     On any failure every weight is left exactly as it was and the error is raised.
     An out-of-memory error is retried with half the tile size, down to `min_tile_bytes`.
     """
+    for lora, strength in loras:
+        if not math.isfinite(float(strength)):
+            raise LoRAOpsError(f"{lora.path}: strength {strength} is not a finite number; use a value such as 0.8")
     options = options or MergeOptions()
     budget = tile_bytes or options.tile_bytes or DEFAULT_TILE_BYTES
     report = report if report is not None else MergeReport()
     while True:
         try:
             return _merge_once(target, loras, state or MergeState(), budget, options, report)
-        except torch.OutOfMemoryError:
-            if budget // 2 < options.min_tile_bytes:
+        except (torch.OutOfMemoryError, RuntimeError) as error:
+            if not is_out_of_memory(error) or budget // 2 < options.min_tile_bytes:
                 raise
             budget //= 2
             report.retries += 1
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA raises torch.OutOfMemoryError; torch's CPU allocator raises a plain RuntimeError."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("can't allocate memory" in text or "DefaultCPUAllocator" in text)
 
 
 def restore(target, state: MergeState, **kw) -> MergeState:
@@ -417,7 +434,8 @@ def _merge_once(
             job = _KeyJob(key, weight, old_terms.get(key, []), new_terms.get(key, []), state.journals.get(key),
                           codec, device, new_state, options.exact_undo)
             cols = job.matrix.shape[1]
-            rows_per_tile = tile_rows_for(cols, budget)
+            blocks = len(job.old) + len(job.new)
+            rows_per_tile = tile_rows_for(cols, budget, blocks)
             job.prepare_norms(rows_per_tile)
             codec.begin(job, rows_per_tile)
             for i, (r0, r1) in enumerate(_tiles(job.matrix.shape[0], rows_per_tile)):
@@ -425,7 +443,7 @@ def _merge_once(
                     options.on_tile(key, i, r1 - r0)
                 job.run_tile(r0, r1)
                 report.tile_rows_max = max(report.tile_rows_max, r1 - r0)
-                report.peak_tile_bytes = max(report.peak_tile_bytes, (r1 - r0) * cols * 4 * _FP32_BUFFERS)
+                report.peak_tile_bytes = max(report.peak_tile_bytes, working_bytes(r1 - r0, cols, blocks))
             codec.commit()
             finished.append(job)
             job = None

@@ -48,7 +48,7 @@ from .flux import (
     shape_from_state_dict,
     strip_model_prefix,
 )
-from .merge import _FP32_BUFFERS, DEFAULT_TILE_BYTES, tile_rows_for
+from .merge import DEFAULT_TILE_BYTES, tile_rows_for, working_bytes
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -446,7 +446,7 @@ def merge_temporaries(shape_of: Mapping[str, tuple[tuple[int, ...], torch.dtype]
         factors_all += factors
         factors_max = max(factors_max, factors)
         tile_rows = min(rows, tile_rows_for(cols, tile_bytes))
-        this_tile = tile_rows * cols * 4 * _FP32_BUFFERS  # what MergeReport.peak_tile_bytes reports
+        this_tile = working_bytes(tile_rows, cols, 1)  # what MergeReport.peak_tile_bytes reports
         if this_tile > tile:
             tile, tile_key = this_tile, target
         dense = 2 * rows * cols * 4 + factors  # fp32 copy of W + dense fp32 delta

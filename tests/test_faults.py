@@ -432,16 +432,6 @@ def _options_with(on_tile):
     return make
 
 
-#: merge.py: with MergeOptions(exact_undo=False) (what the offline writer uses) nothing is journaled, but
-#: rollback() still recovers the old bits by subtraction + journal, so a failure leaves rounding residue in
-#: the tiles already written, and the out-of-memory retry merges on top of it.
-EXACT_UNDO_OFF_BUG = (
-    "merge.py bug: rollback is not exact with exact_undo=False (no journal is kept), so a failed call leaves "
-    "changed bits and an OOM retry merges on top of them"
-)
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=EXACT_UNDO_OFF_BUG)
 def test_offline_oom_retry_gives_the_same_file(offline_setup, monkeypatch):
     s = offline_setup
     out = s["out"] / "merged.safetensors"
@@ -460,7 +450,6 @@ def test_offline_oom_retry_gives_the_same_file(offline_setup, monkeypatch):
     assert sha256(out) == sha256(s["ref"]), "the file written after an OOM retry differs"
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=EXACT_UNDO_OFF_BUG)
 @pytest.mark.parametrize("exc", [KeyboardInterrupt, torch.OutOfMemoryError], ids=["interrupt", "oom"])
 def test_failure_with_exact_undo_off_changes_nothing(base, stacks, exc):
     sd, _, target, before, _, _ = setup_phase(base, stacks, "merge")
@@ -534,9 +523,6 @@ def test_cli_out_of_memory_is_one_line_and_leaves_nothing(offline_setup, monkeyp
     assert {p: sha256(p) for p in s["inputs"]} == s["inputs"]
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="merge.py: the out-of-memory retry catches torch.OutOfMemoryError only; "
-                          "torch's CPU allocator raises a plain RuntimeError, so CPU merges never retry")
 def test_cpu_allocator_failure_is_retried_with_smaller_tiles(base, stacks):
     sd, state, target, before, ref, _ = setup_phase(base, stacks, "merge")
 

@@ -289,9 +289,6 @@ def test_strength_that_overflows_the_output_dtype_is_refused(world, tmp_path):
     assert fingerprint(world["model"].parent, world["good"].parent) == before
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
-                   reason="merge.py: merge_loras accepts a NaN/Inf strength and writes NaN/Inf into the model "
-                          "(restore can undo it, but nothing refuses it)")
 def test_merge_loras_refuses_a_non_finite_strength(world):
     sd = hf.model_state_dict()
     before = snapshot(sd)
