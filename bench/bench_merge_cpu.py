@@ -7,7 +7,7 @@ Run by hand (never a unit test):
 
 Model: real width 3072, 1 double + 1 single block (lora_ops.synthetic.flux_state_dict), bf16. LoRA:
 kohya rank 32 on every block Linear (lora_ops.synthetic.write_kohya_lora). All on the CPU, default
-torch threads. Each method runs `--repeats` times; the median time is reported.
+torch threads.
 
   (a) lora_ops.merge_loras in place (default 64 MiB tile), with and without the exact-undo journal;
   (b) the full-layer fp32 method as ComfyUI writes it per key: temp = W.float(); diff = up.float() @
@@ -15,15 +15,21 @@ torch threads. Each method runs `--repeats` times; the median time is reported.
       backup is kept; ComfyUI also keeps the original alive as its backup);
   (c) the memory-traffic floor: W.copy_(other) for every merged weight.
 
-Peak extra memory = process RSS high-water mark (VmHWM, reset through /proc/self/clear_refs; a 1 ms
-RSS sampler where that is not permitted) minus the RSS just before the call, after malloc_trim, with
-the model and LoRA already loaded. The exact-undo journal kept in RAM is part of that figure and is
-also reported on its own (MergeState.journal_bytes).
+Time: one untimed warm-up round, then `--repeats` interleaved rounds (a, a', b, c, a, a', b, c, ...);
+the median is reported, and ratios are medians of per-round ratios (robust to a shared machine's load).
+The cold first run of each method (fresh pages from the OS) is reported on its own.
+
+Peak extra memory, from one cold run of each method: process RSS high-water mark (VmHWM, reset through
+/proc/self/clear_refs; a 1 ms RSS sampler where that is not permitted) minus the RSS just before the
+call, after malloc_trim, with the model and LoRA already loaded; and the peak of live tensor bytes
+(torch.profiler memory events), which leaves out the C allocator's caching. The exact-undo journal kept
+in RAM is part of both and is also reported on its own (MergeState.journal_bytes).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import os
@@ -136,21 +142,24 @@ def copy_floor(weights: dict[str, torch.Tensor], source: dict[str, torch.Tensor]
         weights[key].copy_(other)
 
 
-def run_once(fn, before=None) -> tuple[dict, object]:
-    """One run of `fn`: wall and CPU seconds and the extra RSS high-water."""
+def run_once(fn, before=None, rss: bool = False) -> tuple[dict, object]:
+    """One run of `fn`: wall and CPU seconds; with `rss`, first malloc_trim and then the RSS high-water."""
     if before is not None:
         before()
-    with PeakRSS() as mem:
+    mem = PeakRSS() if rss else contextlib.nullcontext()
+    with mem:
         wall, cpu = time.perf_counter(), time.process_time()
         result = fn()
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    return {"wall_s": wall, "cpu_s": cpu, "extra_rss_bytes": mem.extra, "load1": os.getloadavg()[0]}, result
+    out = {"wall_s": wall, "cpu_s": cpu, "load1": os.getloadavg()[0]}
+    if rss:
+        out["extra_rss_bytes"] = mem.extra
+    return out, result
 
 
 def summarise(runs: list[dict]) -> dict:
     return {"runs": runs, "wall_s": statistics.median(r["wall_s"] for r in runs),
-            "wall_min_s": min(r["wall_s"] for r in runs), "cpu_s": statistics.median(r["cpu_s"] for r in runs),
-            "extra_rss_bytes": statistics.median(r["extra_rss_bytes"] for r in runs)}
+            "wall_min_s": min(r["wall_s"] for r in runs), "cpu_s": statistics.median(r["cpu_s"] for r in runs)}
 
 
 def tensor_peak(fn, before=None) -> int:
@@ -223,20 +232,21 @@ def comfy_child(ckpt: str, lora_path: str, sample_out: str, repeats: int = 1) ->
     load_s = time.perf_counter() - t0
     keys = len(patched.patches)
     runs = []
-    for i in range(repeats):
+    for i in range(repeats + 1):  # the first run is cold (fresh pages), the others follow unpatch_model()
         with PeakRSS() as mem:
             start = time.perf_counter()
             patched.patch_model()
             seconds = time.perf_counter() - start
         runs.append({"wall_s": seconds, "extra_rss_bytes": mem.extra, "load1": os.getloadavg()[0]})
-        if i < repeats - 1:
+        if i < repeats:
             patched.unpatch_model()
     sd = patched.model.diffusion_model.state_dict()
     from safetensors.torch import save_file
 
     save_file({SAMPLE_KEY: sd[SAMPLE_KEY].contiguous()}, sample_out)
     print(json.dumps({"comfyui_version": _comfy_version(root), "torch": torch.__version__, "load_s": load_s,
-                      "runs": runs, "patch_s": statistics.median(r["wall_s"] for r in runs),
+                      "runs": runs, "patch_s": statistics.median(r["wall_s"] for r in runs[1:] or runs),
+                      "cold_patch_s": runs[0]["wall_s"],
                       "extra_bytes": runs[0]["extra_rss_bytes"], "patched_keys": keys,
                       "weight_dtype": str(sd[SAMPLE_KEY].dtype)}))
 
@@ -339,20 +349,32 @@ def main() -> int:
     fns = {"ours_exact_undo": ours(True), "ours_no_journal": ours(False),
            "full_layer_fp32": lambda: full_layer_fp32(weights, lora),
            "copy_floor": lambda: copy_floor(weights, originals)}
-    # Interleaved rounds (a, a', b, c, a, a', b, c, ...): on a shared machine whose load changes by the minute,
-    # the methods of one round see about the same conditions, so per-round ratios are the robust figures.
+    # Memory: one cold run of each method (malloc_trim, then the RSS high-water), like a fresh process.
+    cold: dict[str, dict] = {}
+    for name, fn in fns.items():
+        r, result = run_once(fn, before=None if name == "copy_floor" else reset, rss=True)
+        cold[name] = r
+        if name.startswith("ours"):
+            states[name] = result
+        del result
+    # Time: a warm-up round, then interleaved rounds (a, a', b, c, a, a', b, c, ...) with the allocator warm.
+    # Fresh pages are expensive in this VM (a cold first merge takes several times longer), and on a shared
+    # machine whose load changes by the minute the methods of one round see about the same conditions, so
+    # the per-round ratios are the robust figures.
     runs: dict[str, list[dict]] = {k: [] for k in fns}
-    for _ in range(args.repeats):
+    for round_ in range(args.repeats + 1):
         for name, fn in fns.items():
             r, result = run_once(fn, before=None if name == "copy_floor" else reset)
-            runs[name].append(r)
+            if round_:
+                runs[name].append(r)
             if name.startswith("ours"):
-                states[name] = result
                 samples[name] = weights[SAMPLE_KEY].clone()
             elif name == "full_layer_fp32":
                 samples["full"] = weights[SAMPLE_KEY].clone()
             del result
     methods = {name: summarise(r) for name, r in runs.items()}
+    for name, r in cold.items():
+        methods[name].update(cold_wall_s=r["wall_s"], extra_rss_bytes=r.get("extra_rss_bytes", 0))
     reset()
     exact_state = states.pop("ours_exact_undo")
     methods["ours_exact_undo"].update(peak_tile_bytes=reports["True"].peak_tile_bytes,
@@ -384,7 +406,8 @@ def main() -> int:
     results["sample_max_abs_diff_ours_vs_full"] = float(diff.max())
     results["sample_differing_elements"] = int((samples["ours_exact_undo"] != samples["full"]).sum())
 
-    print(f"\n{'method':44}{'wall s':>8}{'min s':>8}{'cpu s':>8}{'RSS+ MiB':>10}{'tensors MiB':>13}   wall runs (s)")
+    print(f"\n{'method':44}{'wall s':>8}{'min s':>8}{'cpu s':>8}{'cold s':>8}{'RSS+ MiB':>10}{'tensors MiB':>13}"
+          "   warm wall runs (s)")
     labels = {"ours_exact_undo": "(a) lora_ops tiles, exact undo (journal)",
               "ours_no_journal": "(a') lora_ops tiles, exact_undo=False",
               "full_layer_fp32": "(b) full-layer fp32 (ComfyUI arithmetic)",
@@ -393,7 +416,7 @@ def main() -> int:
         r = methods[key]
         rss = f"{r['extra_rss_bytes'] / MIB:10.0f}" if key != "copy_floor" else f"{'':>10}"
         tp = f"{r['tensor_peak_bytes'] / MIB:13.1f}" if "tensor_peak_bytes" in r else f"{'':>13}"
-        print(f"{label:44}{r['wall_s']:8.3f}{r['wall_min_s']:8.3f}{r['cpu_s']:8.3f}{rss}{tp}   "
+        print(f"{label:44}{r['wall_s']:8.3f}{r['wall_min_s']:8.3f}{r['cpu_s']:8.3f}{r['cold_wall_s']:8.2f}{rss}{tp}   "
               + ", ".join(f"{x['wall_s']:.3f}" for x in r["runs"]))
     floor = methods["copy_floor"]
     print(f"copy floor bandwidth {floor['bandwidth_gbs']:.1f} GB/s (read + write); load average "
@@ -452,8 +475,8 @@ def main() -> int:
         results["comfyui"] = comfy
         comfy_runs = ", ".join(f"{r['wall_s']:.2f}" for r in comfy["runs"])
         print(f"\nComfyUI {comfy['comfyui_version']} (torch {comfy['torch']}, --cpu --bf16-unet), own process: "
-              f"patch_model() {comfy['patch_s']:.3f} s (median; runs "
-              f"{comfy_runs} s), first-run extra RSS "
+              f"patch_model() {comfy['patch_s']:.3f} s (warm median; cold first run, then warm: "
+              f"{comfy_runs} s), cold-run extra RSS "
               f"{comfy['extra_bytes'] / MIB:.0f} MiB, "
               f"{comfy['patched_keys']} patched keys, weights {comfy['weight_dtype']}; {SAMPLE_KEY} vs ours: "
               f"max |diff| {comfy['sample_max_abs_diff_vs_ours']:.3g} "
