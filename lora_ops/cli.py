@@ -16,6 +16,7 @@ import torch
 
 from .errors import LoRAOpsError
 from .formats import LoRAFile, describe, load_lora
+from .merge import is_out_of_memory
 
 Command = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Command]] = {}
@@ -88,8 +89,6 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
 
 def _device(name: str) -> str | None:
     if name == "auto":
-        import torch
-
         return "cuda" if torch.cuda.is_available() else None
     return None if name == "cpu" else name
 
@@ -184,18 +183,11 @@ def _cast(args: argparse.Namespace) -> int:
     return 0
 
 
-def _out_of_memory(e: BaseException) -> bool:
-    """CUDA OOM, Python's MemoryError, or torch's CPU allocator failure (a plain RuntimeError)."""
-    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or (
-        isinstance(e, RuntimeError) and "can't allocate memory" in str(e)
-    )
-
-
 def _error_line(e: BaseException) -> str:
     """One line for stderr: what went wrong, with the file it concerns."""
     if isinstance(e, OSError):
         text = f"{e.filename}: {e.strerror or e}" if e.filename else str(e.strerror or e)
-    elif _out_of_memory(e):
+    elif is_out_of_memory(e):
         detail = " ".join(str(e).split())[:200] or "no details"
         text = (f"out of memory ({detail}); nothing was written. Free memory (close other programs) and run again, "
                 "or use --device cpu if it ran on the GPU")
@@ -213,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command][1](args)
     except (LoRAOpsError, OSError, MemoryError, RuntimeError) as e:
-        if isinstance(e, RuntimeError) and not _out_of_memory(e):
+        if isinstance(e, RuntimeError) and not is_out_of_memory(e):
             raise  # a bug: keep the traceback
         print(f"error: {_error_line(e)}", file=sys.stderr)
         return 2

@@ -398,7 +398,7 @@ def merge_loras(
     while True:
         try:
             return _merge_once(target, loras, state or MergeState(), budget, options, report)
-        except (torch.OutOfMemoryError, RuntimeError) as error:
+        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
             if not is_out_of_memory(error) or budget // 2 < options.min_tile_bytes:
                 raise
             budget //= 2
@@ -408,8 +408,8 @@ def merge_loras(
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    """CUDA raises torch.OutOfMemoryError; torch's CPU allocator raises a plain RuntimeError."""
-    if isinstance(error, torch.OutOfMemoryError):
+    """CUDA raises torch.OutOfMemoryError, Python MemoryError; torch's CPU allocator a plain RuntimeError."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
         return True
     text = str(error)
     return isinstance(error, RuntimeError) and ("can't allocate memory" in text or "DefaultCPUAllocator" in text)
