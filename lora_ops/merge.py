@@ -214,18 +214,26 @@ class _KeyJob:
         self.matrix = weight if weight.dim() == 2 else weight.reshape(weight.shape[0], -1)
         self.codec = codec
         self.device = device
-        self.old = [(a.on(device), c, a) for a, c in old]
-        self.new = [(a.on(device), c, a) for a, c in new]
-        self.old_linear = not any(a.needs_base for a, _, _ in self.old)
-        self.new_linear = not any(a.needs_base for a, _, _ in self.new)
+        self._sources = (old, new)
+        self.old_linear = not any(a.needs_base for a, _ in old)
+        self.new_linear = not any(a.needs_base for a, _ in new)
         self.journal = journal
         self.state = state
         self.new_journal = Journal()
         self.undo_journal = Journal()
         self.written: list[tuple[int, int]] = []
-        for dev_adapter, _, original in self.old:
+        self.load_terms()
+
+    def load_terms(self) -> None:
+        """fp32 copies of this weight's adapters on the compute device (with known DoRA norms)."""
+        self.old, self.new = ([(a.on(self.device), c, a) for a, c in terms] for terms in self._sources)
+        for dev_adapter, _, original in self.old + self.new:
             if isinstance(dev_adapter, DoRA):
-                dev_adapter._sumsq = state.dora_norms.get((key, id(original)))
+                dev_adapter._sumsq = self.state.dora_norms.get((self.key, id(original)))
+
+    def release_terms(self) -> None:
+        """Drop the device copies once the weight is done; `rollback` loads them again."""
+        self.old = self.new = None
 
     # --- deltas -------------------------------------------------------------------------------
     def _delta(self, terms, r0: int, r1: int, base: torch.Tensor | None) -> torch.Tensor:
@@ -280,6 +288,8 @@ class _KeyJob:
         doras = [a for a, _, _ in self.new if isinstance(a, DoRA) and a.per_column]
         if not doras:
             return
+        for d in doras:
+            d._sumsq = None  # computed afresh over this weight's base rows
         for r0, r1 in _tiles(self.matrix.shape[0], tile_rows):
             base, _ = self.base_rows(r0, r1)
             for d in doras:
@@ -324,13 +334,15 @@ class _KeyJob:
         self.matrix[r0:r1].copy_(self._fix(self.codec.encode(estimate, self.key, r0, role), fix))
 
     def rollback(self) -> None:
+        if self.old is None:
+            self.load_terms()
         for r0, r1 in reversed(self.written):
             self.undo_tile(r0, r1)
         self.written.clear()
         self.codec.rollback()
 
     def finished_journal(self) -> Journal | None:
-        return self.new_journal if (self.new and self.exact_undo) else None
+        return self.new_journal if (self._sources[1] and self.exact_undo) else None
 
 
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -458,6 +470,7 @@ def _merge_once(
                 report.tile_rows_max = max(report.tile_rows_max, r1 - r0)
                 report.peak_tile_bytes = max(report.peak_tile_bytes, working_bytes(r1 - r0, cols, blocks))
             codec.commit()
+            job.release_terms()
             finished.append(job)
             job = None
             done += weight.numel()

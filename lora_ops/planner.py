@@ -425,16 +425,12 @@ ACTIVATION_FORMULA = (
 )
 
 
-#: lora_ops.merge keeps every merged weight's adapters, copied to the compute device in fp32, until the call
-#: returns (a failure rolls back every weight and needs them), so a merge's device peak is one tile plus the
-#: fp32 factors of all merged weights. Set False if the engine is changed to drop them per weight.
-MERGE_KEEPS_FACTORS = True
 
 
 def merge_temporaries(shape_of: Mapping[str, tuple[tuple[int, ...], torch.dtype]], lora: LoRAInfo,
                       tile_bytes: int) -> dict[str, object]:
     """Peak merge transients on the compute device: this package's tiles vs a full-layer fp32 merge."""
-    tile = full = full_comfy = factors_max = factors_all = 0
+    tile = full = full_comfy = factors_max = 0
     tile_key = full_key = ""
     for target, factor_elems in lora.targets.items():
         if target not in shape_of:
@@ -443,7 +439,6 @@ def merge_temporaries(shape_of: Mapping[str, tuple[tuple[int, ...], torch.dtype]
         rows = dims[0]
         cols = _numel(dims[1:]) if len(dims) > 1 else 1
         factors = factor_elems * 4  # the adapters in fp32 on the compute device
-        factors_all += factors
         factors_max = max(factors_max, factors)
         tile_rows = min(rows, tile_rows_for(cols, tile_bytes))
         this_tile = working_bytes(tile_rows, cols, 1)  # what MergeReport.peak_tile_bytes reports
@@ -453,9 +448,10 @@ def merge_temporaries(shape_of: Mapping[str, tuple[tuple[int, ...], torch.dtype]
         if dense > full:
             full, full_key = dense, target
             full_comfy = 3 * rows * cols * 4 + factors  # ComfyUI also makes (strength*alpha)*diff in fp32
-    ours = tile + (factors_all if MERGE_KEEPS_FACTORS else factors_max)
+    # The engine copies one weight's adapters to the compute device at a time (merge.py _KeyJob).
+    ours = tile + factors_max
     return {"ours_bytes": ours, "tile_bytes": tile, "tile_key": tile_key,
-            "factors_bytes": factors_all if MERGE_KEEPS_FACTORS else factors_max,
+            "factors_bytes": factors_max,
             "full_layer_bytes": full, "full_layer_key": full_key, "full_layer_comfy_bytes": full_comfy,
             "tile_budget_bytes": tile_bytes}
 
