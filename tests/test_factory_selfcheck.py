@@ -110,25 +110,37 @@ def test_diffusers_rows(cases):
     for j, name in enumerate(("to_q", "to_k", "to_v")):
         a = sd[f"transformer.transformer_blocks.0.attn.{name}.lora_A.weight"]
         b = sd[f"transformer.transformer_blocks.0.attn.{name}.lora_B.weight"]
-        assert close(qkv[j * H:(j + 1) * H], f32(b) @ f32(a), 1e-6)
+        assert close(qkv[j * H : (j + 1) * H], f32(b) @ f32(a), 1e-6)
     txt = case.expected["double_blocks.0.txt_attn.qkv.weight"]
     for j, name in enumerate(("add_q_proj", "add_k_proj", "add_v_proj")):
         a = sd[f"transformer.transformer_blocks.0.attn.{name}.lora_A.weight"]
         b = sd[f"transformer.transformer_blocks.0.attn.{name}.lora_B.weight"]
-        assert close(txt[j * H:(j + 1) * H], f32(b) @ f32(a), 1e-6)
+        assert close(txt[j * H : (j + 1) * H], f32(b) @ f32(a), 1e-6)
     lin1 = case.expected["single_blocks.0.linear1.weight"]
     p = "transformer.single_transformer_blocks.0"
-    for name, (lo, hi) in (("attn.to_q", (0, H)), ("attn.to_k", (H, 2 * H)), ("attn.to_v", (2 * H, 3 * H)),
-                           ("proj_mlp", (3 * H, 3 * H + M))):
+    for name, (lo, hi) in (
+        ("attn.to_q", (0, H)),
+        ("attn.to_k", (H, 2 * H)),
+        ("attn.to_v", (2 * H, 3 * H)),
+        ("proj_mlp", (3 * H, 3 * H + M)),
+    ):
         a, b = sd[f"{p}.{name}.lora_A.weight"], sd[f"{p}.{name}.lora_B.weight"]
         assert close(lin1[lo:hi], f32(b) @ f32(a), 1e-6)
     # norm_out.linear: diffusers [scale; shift] -> BFL [shift; scale]
     d = f32(sd["transformer.norm_out.linear.lora_B.weight"]) @ f32(sd["transformer.norm_out.linear.lora_A.weight"])
     assert close(case.expected["final_layer.adaLN_modulation.1.weight"], torch.cat([d[H:], d[:H]]), 1e-6)
-    for name in ("x_embedder", "context_embedder", "proj_out", "time_text_embed.timestep_embedder.linear_1",
-                 "time_text_embed.text_embedder.linear_2", "time_text_embed.guidance_embedder.linear_1",
-                 "transformer_blocks.0.norm1_context.linear", "single_transformer_blocks.1.proj_out",
-                 "single_transformer_blocks.0.norm.linear", "transformer_blocks.0.ff_context.net.0.proj"):
+    for name in (
+        "x_embedder",
+        "context_embedder",
+        "proj_out",
+        "time_text_embed.timestep_embedder.linear_1",
+        "time_text_embed.text_embedder.linear_2",
+        "time_text_embed.guidance_embedder.linear_1",
+        "transformer_blocks.0.norm1_context.linear",
+        "single_transformer_blocks.1.proj_out",
+        "single_transformer_blocks.0.norm.linear",
+        "transformer_blocks.0.ff_context.net.0.proj",
+    ):
         assert f"transformer.{name}.lora_A.weight" in sd, name
     assert not any(k.startswith("transformer.") for k in load_file(str(cases["diffusers_bare"].path)))
     alpha_sd = load_file(str(cases["diffusers_alpha"].path))
@@ -137,8 +149,12 @@ def test_diffusers_rows(cases):
 
 def test_onetrainer_names(cases):
     sd = load_file(str(cases["onetrainer"].path))
-    for name in ("lora_transformer_transformer_blocks_0_attn_to_q", "lora_transformer_single_transformer_blocks_0_proj_mlp",
-                 "lora_transformer_transformer_blocks_0_ff_net_0_proj", "lora_transformer_norm_out_linear"):
+    for name in (
+        "lora_transformer_transformer_blocks_0_attn_to_q",
+        "lora_transformer_single_transformer_blocks_0_proj_mlp",
+        "lora_transformer_transformer_blocks_0_ff_net_0_proj",
+        "lora_transformer_norm_out_linear",
+    ):
         assert f"{name}.lora_down.weight" in sd and f"{name}.lora_up.weight" in sd and f"{name}.alpha" in sd
     te = [k for k in sd if k.startswith(("lora_te1_", "lora_te2_"))]
     assert len(te) == cases["onetrainer"].te_keys > 0
@@ -155,12 +171,18 @@ def test_factor_sharing(cases, group):
         for k in ref.expected:
             assert torch.equal(case.expected[k], ref.expected[k]), (fmt, k)
     dsd = load_file(str(cases["diffusers_alpha"].path))
-    assert torch.equal(dsd["transformer.transformer_blocks.0.attn.to_k.lora_A.weight"],
-                       ref_sd["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"])
-    assert torch.equal(dsd["transformer.transformer_blocks.0.attn.to_k.lora_B.weight"],
-                       ref_sd["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"][H:2 * H])
+    assert torch.equal(
+        dsd["transformer.transformer_blocks.0.attn.to_k.lora_A.weight"],
+        ref_sd["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"],
+    )
+    assert torch.equal(
+        dsd["transformer.transformer_blocks.0.attn.to_k.lora_B.weight"],
+        ref_sd["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"][H : 2 * H],
+    )
     ab = load_file(str(cases["bfl_ab"].path))
-    assert torch.equal(f32(ab["diffusion_model.img_in.lora_B.weight"]), f32(ref_sd["lora_unet_img_in.lora_up.weight"]) / 2)
+    assert torch.equal(
+        f32(ab["diffusion_model.img_in.lora_B.weight"]), f32(ref_sd["lora_unet_img_in.lora_up.weight"]) / 2
+    )
 
 
 def test_other_formats_share_lora_part(cases):
@@ -171,7 +193,7 @@ def test_other_formats_share_lora_part(cases):
     xl = cases["xlabs"]
     for k, v in xl.expected.items():
         if "linear1" in k:
-            assert torch.equal(v[:3 * H], ref[k][:3 * H]) and not v[3 * H:].any()
+            assert torch.equal(v[: 3 * H], ref[k][: 3 * H]) and not v[3 * H :].any()
         else:
             assert torch.equal(v, ref[k]), k
     split = cases["kohya_split_qkv"].expected
@@ -182,8 +204,11 @@ def test_other_formats_share_lora_part(cases):
 def test_split_qkv_first_principles(cases):
     case = cases["kohya_split_qkv"]
     sd = load_file(str(case.path))
-    for mod, k in (("double_blocks.0.img_attn.qkv", 3), ("double_blocks.0.txt_attn.qkv", 3),
-                   ("single_blocks.0.linear1", 4)):
+    for mod, k in (
+        ("double_blocks.0.img_attn.qkv", 3),
+        ("double_blocks.0.txt_attn.qkv", 3),
+        ("single_blocks.0.linear1", 4),
+    ):
         key = kohya_name(mod)
         down, up, alpha = f32(sd[f"{key}.lora_down.weight"]), f32(sd[f"{key}.lora_up.weight"]), sd[f"{key}.alpha"]
         assert down.shape[0] == k * RANK and up.shape[1] == k * RANK
@@ -206,15 +231,22 @@ def test_split_qkv_first_principles(cases):
 def test_xlabs_first_principles(cases):
     case = cases["xlabs"]
     sd = load_file(str(case.path))
-    up, down = sd["double_blocks.0.processor.qkv_lora2.up.weight"], sd["double_blocks.0.processor.qkv_lora2.down.weight"]
+    up, down = (
+        sd["double_blocks.0.processor.qkv_lora2.up.weight"],
+        sd["double_blocks.0.processor.qkv_lora2.down.weight"],
+    )
     assert up.shape == (3 * H, RANK) and down.shape == (RANK, H)
     assert close(case.expected["double_blocks.0.txt_attn.qkv.weight"], f32(up) @ f32(down), 1e-6)
-    up, down = sd["single_blocks.0.processor.proj_lora.up.weight"], sd["single_blocks.0.processor.proj_lora.down.weight"]
+    up, down = (
+        sd["single_blocks.0.processor.proj_lora.up.weight"],
+        sd["single_blocks.0.processor.proj_lora.down.weight"],
+    )
     assert up.shape == (H, RANK) and down.shape == (RANK, H + M)
     assert close(case.expected["single_blocks.0.linear2.weight"], f32(up) @ f32(down), 1e-6)
     assert "double_blocks.0.processor.proj_lora1.up.weight" in sd
     assert {k.rsplit(".", 1)[0] for k in case.expected} <= {
-        f"{m}" for m in module_shapes(TINY) if m.endswith(("attn.qkv", "attn.proj", "linear1", "linear2"))}
+        f"{m}" for m in module_shapes(TINY) if m.endswith(("attn.qkv", "attn.proj", "linear1", "linear2"))
+    }
 
 
 def test_control_first_principles(cases, base):
@@ -257,8 +289,12 @@ def test_loha_and_full_diff_first_principles(cases):
     mod = "double_blocks.0.img_mlp.2"
     key = kohya_name(mod)
     sd = load_file(str(cases["loha"].path))
-    want = (f32(sd[f"{key}.hada_w1_a"]) @ f32(sd[f"{key}.hada_w1_b"])) * (
-        f32(sd[f"{key}.hada_w2_a"]) @ f32(sd[f"{key}.hada_w2_b"])) * sd[f"{key}.alpha"].item() / RANK
+    want = (
+        (f32(sd[f"{key}.hada_w1_a"]) @ f32(sd[f"{key}.hada_w1_b"]))
+        * (f32(sd[f"{key}.hada_w2_a"]) @ f32(sd[f"{key}.hada_w2_b"]))
+        * sd[f"{key}.alpha"].item()
+        / RANK
+    )
     assert close(cases["loha"].expected[f"{mod}.weight"], want, 1e-5)
     sd = load_file(str(cases["full_diff"].path))
     assert torch.equal(cases["full_diff"].expected[f"{mod}.weight"], f32(sd[f"{key}.diff"]))
@@ -296,17 +332,22 @@ def test_sdxl_has_nothing_flux(cases):
 
 
 def test_targets_and_determinism(tmp_path):
-    c1 = write_lora("kohya", tmp_path / "a.safetensors", TINY, RANK, SEED, targets=["img_in", "single_blocks.1.linear1"])
+    c1 = write_lora(
+        "kohya", tmp_path / "a.safetensors", TINY, RANK, SEED, targets=["img_in", "single_blocks.1.linear1"]
+    )
     assert sorted(c1.expected) == ["img_in.weight", "single_blocks.1.linear1.weight"]
-    c2 = write_lora("diffusers", tmp_path / "b.safetensors", TINY, RANK, SEED,
-                    targets=["img_in.weight", "single_blocks.1.linear1"])
+    c2 = write_lora(
+        "diffusers", tmp_path / "b.safetensors", TINY, RANK, SEED, targets=["img_in.weight", "single_blocks.1.linear1"]
+    )
     for k in c1.expected:
         assert torch.equal(c1.expected[k], c2.expected[k])
     down, _up = lora_factors(SEED, "img_in", H, TINY.in_channels, RANK)
     assert torch.equal(load_file(str(tmp_path / "a.safetensors"))["lora_unet_img_in.lora_down.weight"], down)
     c3 = write_lora("kohya", tmp_path / "c.safetensors", TINY, RANK, SEED + 1, targets=["img_in"])
     assert not torch.equal(c3.expected["img_in.weight"], c1.expected["img_in.weight"])
-    again = write_lora("kohya", tmp_path / "d.safetensors", TINY, RANK, SEED, targets=["img_in", "single_blocks.1.linear1"])
+    again = write_lora(
+        "kohya", tmp_path / "d.safetensors", TINY, RANK, SEED, targets=["img_in", "single_blocks.1.linear1"]
+    )
     first, second = load_file(str(tmp_path / "a.safetensors")), load_file(str(again.path))
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     with pytest.raises(ValueError):
