@@ -38,12 +38,8 @@ SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, Heal
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread (OpenMP threads only add barrier waits here, badly on a busy machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _report_examples(one_thread):
     yield
-    torch.set_num_threads(previous)
     print(f"\n[test_properties] examples run: {dict(COUNTS)}, total {sum(COUNTS.values())}; {dict(STATS)}")
 
 
