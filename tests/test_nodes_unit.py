@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import hostile_files as hf  # noqa: E402
 from lora_factory import TINY, base_state_dict, write_lora  # noqa: E402
 
 COMFYUI_ROOT = os.environ.get("COMFYUI_ROOT")
@@ -452,6 +454,24 @@ def test_load_lora_node_raises_the_library_error(pack, tmp_path, monkeypatch):
     monkeypatch.setattr(defs.folder_paths, "get_full_path_or_raise", lambda kind, name: str(tmp_path / name))
     with pytest.raises(pack.lora_ops.LoRAFormatError, match="nothing in this file applies to Flux"):
         defs.run_load_lora("sdxl.safetensors", 1.0)
+
+
+@pytest.mark.parametrize("case", hf.cases("load", "fit"), ids=lambda h: h.name)
+def test_hostile_lora_through_the_nodes(comfy, pack, rt, plain, base, case, tmp_path, monkeypatch):
+    """Every bad LoRA file of the hostile suite, through LoadFluxLoRA then MergeLoRAIntoModel: the library's
+    clear error, the file untouched, the model's bits untouched."""
+    defs = sys.modules[pack.__name__ + ".nodes.definitions"]
+    lib = sys.modules[pack.__name__ + ".nodes.library"]
+    path = case.write(tmp_path)
+    before = path.read_bytes()
+    monkeypatch.setattr(defs.folder_paths, "get_full_path_or_raise", lambda kind, name: str(tmp_path / name))
+    lib.clear()
+    with pytest.raises(getattr(pack.lora_ops, case.error), match=re.compile(case.words, re.I)):
+        stack, _ = defs.run_load_lora(path.name, 1.0).values
+        load(comfy, rt.attach_plan(plain, list(stack)))
+    assert path.read_bytes() == before
+    load(comfy, plain)
+    assert_equal(weights(plain), base)
 
 
 def test_vram_report(comfy, pack, rt, plain, loras):
