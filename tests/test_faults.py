@@ -29,6 +29,7 @@ import torch
 from lora_factory import TINY, base_state_dict, write_lora
 from safetensors.torch import save_file
 
+import lora_ops.fp8 as fp8
 import lora_ops.offline as offline
 import lora_ops.safetensors_io as sio
 from lora_ops import MergeOptions, MergeReport, load_lora, merge_loras, restore
@@ -356,6 +357,12 @@ class FailingFile:
             raise self._full()
 
 
+def _full_fsync(fd):
+    """os.fsync on a full disk."""
+    COUNTS["faults injected"] += 1
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
 def _patch_writer_open(monkeypatch, budget: int, on: str) -> None:
     def fake_open(path, mode="r", *args, **kw):
         f = open(path, mode, *args, **kw)
@@ -378,11 +385,7 @@ def test_disk_full_during_offline_save_leaves_nothing(offline_setup, monkeypatch
     if where in ("header", "data-early", "data-middle", "data-last", "flush", "close"):
         _patch_writer_open(monkeypatch, budget, "write" if where.startswith(("header", "data")) else where)
     elif where == "fsync":
-        def full_fsync(fd):
-            COUNTS["faults injected"] += 1
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-        monkeypatch.setattr(sio.os, "fsync", full_fsync)
+        monkeypatch.setattr(sio.os, "fsync", _full_fsync)
     else:
         def failing_replace(a, b):
             COUNTS["faults injected"] += 1
@@ -531,18 +534,9 @@ def test_cpu_allocator_failure_is_retried_with_smaller_tiles(base, stacks):
 # ------------------------------------------------------------------------------------------------ fp8
 
 
-try:
-    import lora_ops.fp8 as fp8
-except ImportError:  # pragma: no cover - fp8.py is being written
-    fp8 = None
-HAS_FP8_ENGINE = fp8 is not None and hasattr(fp8, "merge_loras_fp8") and hasattr(fp8, "merge_to_fp8")
-HAS_FP8_OFFLINE = fp8 is not None and hasattr(fp8, "merge_checkpoint_fp8")
-
 
 @pytest.fixture(scope="module")
 def fp8_model(base):
-    if not HAS_FP8_ENGINE:
-        pytest.skip("lora_ops.fp8 has no merge_loras_fp8 / merge_to_fp8")
     return fp8.merge_to_fp8(base, [], "all")
 
 
@@ -590,16 +584,10 @@ def test_fp8_faults_roll_back_weights_and_scales(fp8_model, stacks, phase):
 
 @pytest.mark.parametrize("where", ["data-middle", "fsync"])
 def test_fp8_offline_save_disk_full_leaves_nothing(offline_setup, monkeypatch, where):
-    if not HAS_FP8_OFFLINE:
-        pytest.skip("lora_ops.fp8 has no merge_checkpoint_fp8")
     s = offline_setup
     out = s["out"] / "merged_fp8.safetensors"
     if where == "fsync":
-        def full_fsync(fd):
-            COUNTS["faults injected"] += 1
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-        monkeypatch.setattr(sio.os, "fsync", full_fsync)
+        monkeypatch.setattr(sio.os, "fsync", _full_fsync)
     else:
         _patch_writer_open(monkeypatch, s["ref"].stat().st_size // 4, "write")
     with pytest.raises(OSError) as caught:
@@ -611,8 +599,6 @@ def test_fp8_offline_save_disk_full_leaves_nothing(offline_setup, monkeypatch, w
 
 
 def test_fp8_offline_interrupt_leaves_nothing(offline_setup):
-    if not HAS_FP8_OFFLINE:
-        pytest.skip("lora_ops.fp8 has no merge_checkpoint_fp8")
     s = offline_setup
     out = s["out"] / "merged_fp8.safetensors"
 
