@@ -92,6 +92,25 @@ def write_flux_tiny(path: Path, seed: int = FLUX_TINY_SEED, depth: int = 1, dept
 # --------------------------------------------------------------------------------------------- server
 
 
+def ksampler_node(model: list, cond: list, latent: list, seed: int, steps: int = 1) -> dict[str, Any]:
+    """An API-format KSampler node: euler/simple, cfg 1, full denoise, one conditioning for both sides."""
+    return {
+        "class_type": "KSampler",
+        "inputs": {
+            "model": model,
+            "seed": seed,
+            "steps": steps,
+            "cfg": 1.0,
+            "sampler_name": "euler",
+            "scheduler": "simple",
+            "positive": cond,
+            "negative": cond,
+            "latent_image": latent,
+            "denoise": 1.0,
+        },
+    }
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((HOST, 0))

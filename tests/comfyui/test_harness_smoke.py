@@ -6,7 +6,7 @@ import time
 
 import pytest
 import torch
-from comfy_harness import FLUX_TINY_NAME, PACK_DIR_NAME, REPO_ROOT
+from comfy_harness import FLUX_TINY_NAME, PACK_DIR_NAME, REPO_ROOT, ksampler_node
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -25,21 +25,7 @@ def smoke_prompt(
         "2": {"class_type": "FluxLoRAOpsTestConditioning", "inputs": {}},
         # EmptySD3LatentImage gives 16 channels (Flux's latent format); EmptyLatentImage gives 4.
         "3": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "4": {
-            "class_type": "KSampler",
-            "inputs": {
-                "model": ["1", 0],
-                "seed": seed,
-                "steps": steps,
-                "cfg": 1.0,
-                "sampler_name": "euler",
-                "scheduler": "simple",
-                "positive": ["2", 0],
-                "negative": ["2", 0],
-                "latent_image": ["3", 0],
-                "denoise": 1.0,
-            },
-        },
+        "4": ksampler_node(["1", 0], ["2", 0], ["3", 0], seed, steps),
         "5": {"class_type": "SaveLatent", "inputs": {"samples": ["4", 0], "filename_prefix": latent_prefix}},
     }
     if model_prefix is not None:

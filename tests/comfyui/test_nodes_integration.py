@@ -28,7 +28,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from comfy_harness import FLUX_TINY_NAME, PACK_DIR_NAME, ComfyServer, free_port, make_base_directory
+from comfy_harness import FLUX_TINY_NAME, PACK_DIR_NAME, ComfyServer, free_port, ksampler_node, make_base_directory
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -140,21 +140,7 @@ def sample_nodes(prompt: dict, model_from: str, tag: str, latent_prefix: str, se
     prompt.setdefault(
         "latent", {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
     )
-    prompt[f"ks_{tag}"] = {
-        "class_type": "KSampler",
-        "inputs": {
-            "model": [model_from, 0],
-            "seed": seed,
-            "steps": 1,
-            "cfg": 1.0,
-            "sampler_name": "euler",
-            "scheduler": "simple",
-            "positive": ["cond", 0],
-            "negative": ["cond", 0],
-            "latent_image": ["latent", 0],
-            "denoise": 1.0,
-        },
-    }
+    prompt[f"ks_{tag}"] = ksampler_node([model_from, 0], ["cond", 0], ["latent", 0], seed)
     prompt[f"sl_{tag}"] = {
         "class_type": "SaveLatent",
         "inputs": {"samples": [f"ks_{tag}", 0], "filename_prefix": latent_prefix},
