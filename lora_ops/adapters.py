@@ -14,12 +14,25 @@ from typing import ClassVar
 
 import torch
 
-from .errors import LoRAFormatError
+from .errors import FIX_BROKEN, LoRAFormatError
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 #: Rows per matmul when computing a change (see Adapter.add_delta).
 ROW_BLOCK = 256
+
+
+def check_factor(path: object, key: str, t: torch.Tensor) -> None:
+    """A factor must be floating point and finite; the error names the file and the key."""
+    if t.dtype not in _FLOAT_DTYPES:
+        raise LoRAFormatError(
+            f"{path}: {key!r} has dtype {t.dtype}; LoRA factors must be fp16, bf16 or fp32. {FIX_BROKEN}"
+        )
+    if not bool(torch.isfinite(t).all()):
+        raise LoRAFormatError(
+            f"{path}: {key!r} contains NaN or Inf; the LoRA is broken (often a diverged training run) and cannot be "
+            "merged. Use another checkpoint of the training run."
+        )
 
 
 def _as_matrix(t: torch.Tensor) -> torch.Tensor:
@@ -95,18 +108,10 @@ class Adapter(ABC):
     def validate(self, path: object = None) -> None:
         """Refuse factors that cannot be a weight change: non-float dtypes, NaN or Inf, empty."""
         for name, t in self.factors().items():
-            if t.dtype not in _FLOAT_DTYPES:
-                raise LoRAFormatError(
-                    f"{path}: {self.kind} factor {name!r} ({self.source_keys[0]}) has dtype {t.dtype}; "
-                    "LoRA factors must be floating point. The file is corrupt or not a LoRA."
-                )
+            key = f"{self.source_keys[0]} ({self.kind} factor {name})"
+            check_factor(path, key, t)
             if t.numel() == 0:
-                raise LoRAFormatError(f"{path}: {self.kind} factor {name!r} ({self.source_keys[0]}) is empty (rank 0)")
-            if not bool(torch.isfinite(t).all()):
-                raise LoRAFormatError(
-                    f"{path}: {self.kind} factor {name!r} ({self.source_keys[0]}) contains NaN or Inf; "
-                    "the LoRA is broken (often a diverged training run) and cannot be merged."
-                )
+                raise LoRAFormatError(f"{path}: {key!r} is empty (rank 0)")
         if not math.isfinite(self.scale):
             raise LoRAFormatError(f"{path}: {self.source_keys[0]}: alpha/scale is {self.scale}, not a finite number")
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+#: The advice for a file whose contents cannot be right.
+FIX_BROKEN = "The file is corrupt or was saved by a broken tool: download or export it again."
+
 
 class LoRAOpsError(ValueError):
     """Base class: something about the input is wrong; nothing was changed."""

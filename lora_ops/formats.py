@@ -18,13 +18,12 @@ from pathlib import Path
 
 import torch
 
-from .adapters import Adapter, Diff, DoRA, LoHa, LoKr, LoRA, SetWeight, _as_matrix
-from .errors import LoRAFormatError, LoRAFormatWarning, ModelMismatchError
+from .adapters import Adapter, Diff, DoRA, LoHa, LoKr, LoRA, SetWeight, _as_matrix, check_factor
+from .errors import FIX_BROKEN, LoRAFormatError, LoRAFormatWarning, ModelMismatchError
 from .flux import is_flux_state_dict
 from .safetensors_io import SafetensorsFile
 
 #: What to do about a LoRA file whose factors are broken (appended to those errors).
-FIX_BROKEN = "The file is corrupt or was saved by a broken tool: download or export it again."
 
 # ---------------------------------------------------------------------------------------------
 # Module names
@@ -383,19 +382,6 @@ def _block_diagonal_parts(up: torch.Tensor, down: torch.Tensor, module: str) -> 
     return parts
 
 
-def _check_factor(path: Path, key: str, t: torch.Tensor) -> None:
-    """A factor must be floating point and finite (checked here so the error names the exact key)."""
-    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise LoRAFormatError(
-            f"{path}: {key!r} has dtype {t.dtype}; LoRA factors must be fp16, bf16 or fp32. {FIX_BROKEN}"
-        )
-    if not bool(torch.isfinite(t).all()):
-        raise LoRAFormatError(
-            f"{path}: {key!r} contains NaN or Inf; the LoRA is broken (often a diverged training run) and cannot be "
-            "merged. Use another checkpoint of the training run."
-        )
-
-
 def _matrix(path: Path, key: str, t: torch.Tensor) -> torch.Tensor:
     m = _as_matrix(t)
     if m.dim() != 2:
@@ -582,7 +568,7 @@ def load_lora(
                     "naming schemes; the file mixes two copies of a LoRA. Remove one set of keys."
                 )
             if suffix != "alpha":
-                _check_factor(path, key, tensor)
+                check_factor(path, key, tensor)
             families.setdefault(family, {})[name] = tensor
             names.setdefault(family, {})[name] = key
         families.pop("meta", None)
