@@ -9,36 +9,19 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
-from .errors import LoRAOpsError, ModelMismatchError
-from .flux import is_flux_state_dict, strip_model_prefix
+from .errors import LoRAOpsError
+from .flux import strip_model_prefix
 from .formats import LoRAFile, check_fits
 from .merge import MergeOptions, merge_loras
-from .safetensors_io import SafetensorsFile, StreamingWriter
+from .model_files import open_flux_checkpoint, refuse_overwriting_inputs
+from .safetensors_io import StreamingWriter
 
 OUTPUT_DTYPES = {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def open_flux_checkpoint(path: str | Path) -> SafetensorsFile:
-    """Open and validate a checkpoint, refusing files that are not Flux."""
-    model = SafetensorsFile(path)
-    if not is_flux_state_dict(model.keys()):
-        raise ModelMismatchError(
-            f"{path}: not a Flux checkpoint (no double_blocks.0.img_attn.norm.key_norm.scale / img_in.weight "
-            f"among its {len(model.keys())} tensors). Give the Flux diffusion model file (flux1-dev.safetensors)."
-        )
-    return model
-
-
-def refuse_overwriting_inputs(out: Path, inputs: Sequence[Path]) -> None:
-    for path in inputs:
-        if out.resolve() == Path(path).resolve() or (out.exists() and os.path.samefile(out, path)):
-            raise LoRAOpsError(f"{out}: refusing to write over an input file; choose another --out")
 
 
 def _check_finite(tensor: torch.Tensor, source_finite: bool, key: str, loras, model_path) -> None:

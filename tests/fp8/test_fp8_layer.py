@@ -1,0 +1,75 @@
+"""FP8Linear, casting and loading a module by policy (lora_ops.fp8.layer)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fp8_cases import (
+    E4M3,
+    QKV,
+    bits,
+    flux_module,
+)
+
+from lora_ops import fp8
+
+
+def test_fp8_linear_forward_and_comfy_protocol():
+    lin = torch.nn.Linear(64, 48, dtype=torch.bfloat16)
+    torch.nn.init.normal_(lin.weight, std=0.02)
+    f = fp8.FP8Linear.from_linear(lin, key="x.weight")
+    assert f.weight.dtype == E4M3 and f.bias.dtype == torch.bfloat16
+    assert set(f.state_dict()) == {"weight", "scale_weight", "bias"}
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(5, 7, 64, dtype=dtype)
+        y = f(x)
+        assert y.dtype == dtype and y.shape == (5, 7, 48)
+        ref = torch.nn.functional.linear(x.float(), f.weight.float() * f.scale_weight, f.bias.float())
+        assert torch.allclose(y.float(), ref, rtol=0.02, atol=1e-3)
+    exact = f(torch.eye(64)).t() - f.bias.float()[:, None]
+    assert torch.allclose(exact, f.weight.float() * f.scale_weight, atol=1e-6)
+    # ComfyUI's convert_weight / set_weight: a round trip keeps the bits and the scale
+    w = f.convert_weight(f.weight.float())
+    q = f.set_weight(w, return_weight=True)
+    assert torch.equal(bits(q), bits(f.weight))
+    f.fp8_matmul = True
+    y = f(torch.randn(2, 64))  # CPU: the guarded _scaled_mm path is skipped
+    assert y.shape == (2, 48)
+
+
+def test_cast_module_by_policy_matches_merge_to_fp8(base):
+    module = flux_module(base)
+    report = fp8.cast_module_fp8(module, "quality")
+    expected = fp8.merge_to_fp8(base, [], "quality")
+    assert sorted(report.converted) == sorted(k for k, v in expected.items() if v.dtype == E4M3 and v.dim() == 2)
+    layer = module.get_submodule("diffusion_model.double_blocks.0.img_attn.qkv")
+    assert isinstance(layer, fp8.FP8Linear)
+    assert torch.equal(bits(layer.weight), bits(expected[QKV]))
+    assert torch.equal(layer.scale_weight, expected[QKV.replace(".weight", ".scale_weight")])
+    assert isinstance(module.get_submodule("diffusion_model.double_blocks.0.img_mod.lin"), torch.nn.Linear)
+    assert not isinstance(module.get_submodule("diffusion_model.img_in"), fp8.FP8Linear)
+    assert report.bytes_after < report.bytes_before / 1.9
+    # the module's state dict is a ComfyUI scaled-fp8 state dict (plus the marker)
+    sd = {k.removeprefix("diffusion_model."): v for k, v in module.state_dict().items()}
+    sd["scaled_fp8"] = torch.zeros(2, dtype=E4M3)
+    assert fp8.load_fp8_state_dict(sd).kind == "scaled_fp8"
+
+
+def test_cast_module_validates_before_swapping(base):
+    bad = dict(base)
+    bad["single_blocks.0.linear2.weight"] = base["single_blocks.0.linear2.weight"].clone()
+    bad["single_blocks.0.linear2.weight"][3, 3] = float("nan")
+    module = flux_module(bad)
+    with pytest.raises(fp8.FP8FormatError, match="NaN"):
+        fp8.cast_module_fp8(module)
+    assert not any(isinstance(m, fp8.FP8Linear) for m in module.modules())
+
+
+def test_load_fp8_into_module(base, lora):
+    out = fp8.merge_to_fp8(base, [(lora, 1.0)], "default")
+    module = flux_module(base)
+    report = fp8.load_fp8_into_module(module, out)
+    assert len(report.converted) == sum(1 for v in out.values() if v.dtype == E4M3 and v.dim() == 2)
+    layer = module.get_submodule("diffusion_model.single_blocks.0.linear1")
+    assert torch.equal(bits(layer.weight), bits(out["single_blocks.0.linear1.weight"]))
+    assert torch.equal(module.get_submodule("diffusion_model.img_in").weight, out["img_in.weight"])
