@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -9,7 +10,7 @@ import torch
 from ..errors import ModelMismatchError
 from ..flux import strip_model_prefix
 from .checkpoint import FP8Checkpoint, load_fp8_state_dict
-from .merged_rows import _check_finite_tile, _tile_rows, _tiles, quantize_merged
+from .merged_rows import Term, _check_finite_tile, _tile_rows, _tiles, merge_rows_to, quantize_merged
 from .policies import FP8Policy, get_policy
 from .quantize import E4M3, FP8_MAX, FP8FormatError, check_rounding, check_scale, is_fp8, round_e4m3
 
@@ -72,6 +73,61 @@ class FP8Linear(torch.nn.Module):
         m.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
         m.fp8_matmul = fp8_matmul
         return m
+
+    @classmethod
+    def empty(cls, in_features: int, *, fp8_matmul: bool = False) -> FP8Linear:
+        """A slot with no rows yet (a few bytes): `fill` gives it its weight, `release` frees it again."""
+        return cls.from_quantized(torch.empty((0, in_features), dtype=E4M3), 1.0, None, fp8_matmul=fp8_matmul)
+
+    @property
+    def is_empty(self) -> bool:
+        return self.out_features == 0
+
+    def fill(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        terms: Sequence[Term] = (),
+        bias_terms: Sequence[Term] = (),
+        name: str = "",
+        rounding: str = "nearest",
+        seed: int = 0,
+        scale_mode: str = "pow2",
+        tile_bytes: int | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        """Become quantise(weight + Σ coeff·ΔW): a fresh scale, rounded once, tile by tile.
+
+        `weight` is the 16-bit original (never changed); `bias` (+ `bias_terms`) keeps its own dtype. `name` is
+        the layer's name: it seeds stochastic rounding and names the layer in errors. Everything is computed
+        before anything is assigned, so an error leaves the slot as it was. The result lives on `device`
+        (default: the weight's).
+        """
+        if weight.dim() != 2 or weight.shape[1] != self.in_features:
+            raise ModelMismatchError(
+                f"{name or 'FP8Linear'}: a weight of shape {tuple(weight.shape)} does not fit a slot with "
+                f"{self.in_features} input features"
+            )
+        wkey, bkey = f"{name}.weight", f"{name}.bias"
+        q, scale = quantize_merged(weight, terms, key=wkey, rounding=rounding, seed=seed, scale_mode=scale_mode,
+                                   tile_bytes=tile_bytes, device=device)
+        b = None
+        if bias is not None:
+            b = merge_rows_to(bias, bias_terms, bias.dtype, key=bkey, tile_bytes=tile_bytes, device=device)
+        elif bias_terms:
+            raise ModelMismatchError(f"{bkey!r}: the LoRA changes a bias this layer does not have")
+        self.weight = torch.nn.Parameter(q, requires_grad=False)
+        self.scale_weight = scale.to(q.device)
+        self.bias = None if b is None else torch.nn.Parameter(b, requires_grad=False)
+        self.out_features = q.shape[0]
+
+    def release(self) -> None:
+        """Free the weight and bias (the slot keeps its input width and can be filled again)."""
+        self.weight = torch.nn.Parameter(torch.empty((0, self.in_features), dtype=E4M3), requires_grad=False)
+        self.scale_weight = torch.ones((), dtype=torch.float32)
+        self.bias = None
+        self.out_features = 0
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

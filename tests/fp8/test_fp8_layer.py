@@ -12,6 +12,9 @@ from fp8_cases import (
 )
 
 from lora_ops import fp8
+from lora_ops.adapters import Diff, LoRA
+from lora_ops.errors import LoRAFormatError, ModelMismatchError
+from lora_ops.merge import terms_by_target
 
 
 def test_fp8_linear_forward_and_comfy_protocol():
@@ -73,3 +76,43 @@ def test_load_fp8_into_module(base, lora):
     layer = module.get_submodule("diffusion_model.single_blocks.0.linear1")
     assert torch.equal(bits(layer.weight), bits(out["single_blocks.0.linear1.weight"]))
     assert torch.equal(module.get_submodule("diffusion_model.img_in").weight, out["img_in.weight"])
+
+
+def test_slot_empty_fill_release(base, lora):
+    """A node-owned slot: empty (no rows), filled = merge_to_fp8 of the same weight bit for bit, released."""
+    name = QKV[: -len(".weight")]
+    weight, bias = base[QKV], base[name + ".bias"]
+    slot = fp8.FP8Linear.empty(weight.shape[1])
+    assert slot.is_empty and slot.weight.numel() == 0 and slot.bias is None
+    bias_diff = torch.linspace(-0.01, 0.01, bias.shape[0])
+    bias_terms = [(Diff(bias_diff, source_keys=("test.diff_b",), scale=1.0), 0.5)]
+    terms = terms_by_target([(lora, 0.8)])
+    slot.fill(weight, bias, terms=terms[QKV], bias_terms=bias_terms, name=name, rounding="stochastic", seed=3)
+    expected = fp8.merge_to_fp8({QKV: weight}, [(lora.only({QKV}), 0.8)], "default", rounding="stochastic", seed=3)
+    assert not slot.is_empty and slot.out_features == weight.shape[0]
+    assert torch.equal(bits(slot.weight), bits(expected[QKV]))
+    assert torch.equal(slot.scale_weight, expected[name + ".scale_weight"])
+    assert slot.bias.dtype == bias.dtype
+    assert torch.equal(slot.bias, (bias.float() + 0.5 * bias_diff).to(bias.dtype))
+    x = torch.randn(3, weight.shape[1])
+    ref = torch.nn.functional.linear(x, slot.weight.float() * slot.scale_weight, slot.bias.float())
+    assert torch.allclose(slot(x), ref, atol=1e-6)
+    slot.release()
+    assert slot.is_empty and slot.weight.numel() == 0 and slot.bias is None and slot.in_features == weight.shape[1]
+
+
+def test_slot_fill_failure_leaves_the_slot_unchanged(base):
+    name = QKV[: -len(".weight")]
+    weight, bias = base[QKV], base[name + ".bias"]
+    slot = fp8.FP8Linear.empty(weight.shape[1])
+    slot.fill(weight, bias, name=name)
+    before = {k: v.clone() for k, v in slot.state_dict().items()}
+    up = torch.randn(weight.shape[0], 2)
+    up[5, 0] = float("inf")
+    bad = [(LoRA(up, torch.randn(2, weight.shape[1]), source_keys=("bad.lora_up.weight",), scale=1.0), 1.0)]
+    with pytest.raises(LoRAFormatError, match="NaN or Inf"):
+        slot.fill(weight, bias, terms=bad, name=name)
+    with pytest.raises(ModelMismatchError, match="input features"):
+        slot.fill(weight[:, :-1], bias, name=name)
+    after = slot.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(bits(before[k]), bits(after[k])) for k in before)
