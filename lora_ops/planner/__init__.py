@@ -1,0 +1,51 @@
+"""Will it fit? A GPU memory plan for Flux + LoRA sampling, from architecture, not from constants.
+
+`plan(PlanRequest(...))` adds up, for one sampling run:
+
+* the diffusion model's weights by dtype (a preset's shapes come from `lora_ops.flux`, a checkpoint's
+  from its safetensors header; no tensor is read);
+* the LoRA bytes resident on the GPU when it is applied unmerged the way kohya's
+  flux_minimal_inference does (fp32 factors + the bf16 copy autocast caches = 6 B/param), 0 merged;
+* the peak of the merge temporaries when merged: this package's tile vs a full-layer fp32 merge;
+* activations of one forward at the resolution / batch / CFG (model below);
+* text encoders (T5-XXL, CLIP-L) and the VAE when they stay on the GPU during sampling;
+
+and compares the peak with the card (usable = total - 0.5 GiB for the CUDA context and
+workspaces). When it does not fit it tries, in this order, the cheap changes: merge the LoRA, fp8
+weights, offload T5, fp8 T5, no CFG / smaller batch.
+
+By job: `inputs` (the request, model and LoRA headers), `companions` (encoders, VAE), `memory`
+(weights, merge temporaries), `activations` (the activation model), `result` (the Plan), `evaluate`
+(the verdict and the search for the cheapest fix).
+"""
+
+from .activations import ACTIVATION_FORMULA, activation_points, tokens_for
+from .companions import clip_l_text_params, flux_ae_params, t5_xxl_bf16_resident_params, t5_xxl_encoder_params
+from .evaluate import plan
+from .inputs import MODES, PRESETS, RESIDENT_CHOICES, T5_CHOICES, WEIGHT_POLICIES, PlanRequest, kohya_lora_params
+from .memory import CUDA_RESERVE_BYTES, GIB, MIB, UNMERGED_BYTES_PER_PARAM, fp8_policy_dtype
+from .result import Plan
+
+__all__ = [
+    "ACTIVATION_FORMULA",
+    "CUDA_RESERVE_BYTES",
+    "GIB",
+    "MIB",
+    "MODES",
+    "PRESETS",
+    "RESIDENT_CHOICES",
+    "T5_CHOICES",
+    "UNMERGED_BYTES_PER_PARAM",
+    "WEIGHT_POLICIES",
+    "Plan",
+    "PlanRequest",
+    "activation_points",
+    "clip_l_text_params",
+    "flux_ae_params",
+    "fp8_policy_dtype",
+    "kohya_lora_params",
+    "plan",
+    "t5_xxl_bf16_resident_params",
+    "t5_xxl_encoder_params",
+    "tokens_for",
+]
