@@ -3,6 +3,15 @@
 Standalone: needs torch, safetensors and numpy, never ComfyUI.
 """
 
+from .blocks import (
+    BLOCK_PRESETS,
+    BLOCK_SPEC_GRAMMAR,
+    BlockWeights,
+    block_counts,
+    blocks_touched,
+    parse_block_spec,
+    with_block_weights,
+)
 from .errors import LoRAFormatError, LoRAFormatWarning, LoRAOpsError, ModelMismatchError, UnsafeFileError
 from .flux import FLUX_DEV, FLUX_SCHNELL, FluxShape, flux_weight_shapes
 from .formats import Coverage, LoRAFile, load_lora
@@ -11,6 +20,9 @@ from .merge import MergeOptions, MergeReport, MergeState, merge_loras, restore
 __version__ = "0.1.0"
 
 __all__ = [
+    "BLOCK_PRESETS",
+    "BLOCK_SPEC_GRAMMAR",
+    "BlockWeights",
     "FLUX_DEV",
     "FLUX_SCHNELL",
     "Coverage",
@@ -24,8 +36,12 @@ __all__ = [
     "MergeState",
     "ModelMismatchError",
     "UnsafeFileError",
+    "block_counts",
+    "blocks_touched",
     "flux_weight_shapes",
     "load_lora",
     "merge_loras",
+    "parse_block_spec",
     "restore",
+    "with_block_weights",
 ]

@@ -14,9 +14,18 @@ from collections.abc import Callable
 
 import torch
 
+from .blocks import (
+    BLOCK_SPEC_GRAMMAR,
+    block_counts,
+    blocks_touched,
+    describe_blocks,
+    parse_block_spec,
+    with_block_weights,
+)
 from .errors import LoRAOpsError
 from .formats import LoRAFile, describe, load_lora
 from .merge import is_out_of_memory
+from .model_files import open_flux_checkpoint
 
 Command = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Command]] = {}
@@ -43,6 +52,31 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
+class _BlocksOfLastLoRA(argparse.Action):
+    """`--blocks SPEC` belongs to the `--lora` given just before it: stored as {lora index: spec}."""
+
+    def __call__(self, parser, namespace, value, option_string=None) -> None:
+        loras = getattr(namespace, "lora", None) or []
+        if not loras:
+            parser.error("--blocks belongs to the --lora before it; give --lora PATH[:STRENGTH] first")
+        specs = dict(getattr(namespace, self.dest, None) or {})
+        if len(loras) - 1 in specs:
+            parser.error(f"two --blocks after --lora {loras[-1]}; join them into one spec (later rules win)")
+        specs[len(loras) - 1] = value
+        setattr(namespace, self.dest, specs)
+
+
+def _with_blocks(stack: list[tuple[LoRAFile, float]], specs: dict[int, str] | None, model_path: str):
+    """Apply each LoRA's --blocks spec, checked against the model's block counts (read from its header)."""
+    if not specs:
+        return stack
+    counts = block_counts(open_flux_checkpoint(model_path).keys())
+    return [
+        (with_block_weights(lora, parse_block_spec(specs[i], counts)) if i in specs else lora, strength)
+        for i, (lora, strength) in enumerate(stack)
+    ]
+
+
 def _load_stack(specs: list[str], legacy_split_qkv: bool = False) -> list[tuple[LoRAFile, float]]:
     stack = []
     for spec in specs:
@@ -64,7 +98,7 @@ def _inspect_args(p: argparse.ArgumentParser) -> None:
 @command("inspect", _inspect_args)
 def _inspect(args: argparse.Namespace) -> int:
     lora = load_lora(args.lora)
-    info = describe(lora)
+    info = {**describe(lora), "blocks": blocks_touched(lora)}
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -72,6 +106,7 @@ def _inspect(args: argparse.Namespace) -> int:
         print(f"  ranks {info['ranks']}; alphas {info['alphas']}; {info['file_mib']:.1f} MiB of factors")
         print(f"  unmerged at run time it adds about {info['unmerged_runtime_mib']:.0f} MiB of GPU memory "
               "(fp32 factors + bf16 autocast cache, as kohya's flux_minimal_inference keeps them); merged: 0")
+        print("  " + describe_blocks(lora))
         print("  " + lora.coverage.summary().replace("\n", "\n  "))
     return 0
 
@@ -79,6 +114,8 @@ def _inspect(args: argparse.Namespace) -> int:
 def _merge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="Flux checkpoint (.safetensors, BFL names with or without diffusion_model.)")
     p.add_argument("--lora", action="append", required=True, metavar="PATH[:STRENGTH]", help="repeat for a stack")
+    p.add_argument("--blocks", action=_BlocksOfLastLoRA, metavar="SPEC",
+                   help=f"per-block strengths of the --lora before it: {BLOCK_SPEC_GRAMMAR}")
     p.add_argument("--out", required=True, help="output .safetensors (never an input file)")
     p.add_argument("--dtype", default="keep", help="keep | bf16 | fp16 | fp32 | fp8")
     p.add_argument("--policy", default="default", help="fp8 layer policy (with --dtype fp8): default | quality | all")
@@ -97,7 +134,7 @@ def _device(name: str) -> str | None:
 def _merge(args: argparse.Namespace) -> int:
     from .offline import merge_checkpoint
 
-    stack = _load_stack(args.lora, args.legacy_split_qkv)
+    stack = _with_blocks(_load_stack(args.lora, args.legacy_split_qkv), args.blocks, args.model)
     start = time.perf_counter()
     if args.dtype == "fp8":
         from .fp8 import merge_checkpoint_fp8
@@ -166,7 +203,7 @@ def _fp8_args(p: argparse.ArgumentParser) -> None:
 def _cast_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="Flux checkpoint (bf16/fp16/fp32, or fp8 to re-cast)")
     p.add_argument("--out", required=True, help="output scaled-fp8 .safetensors (never the input)")
-    p.add_argument("--policy", default="default", help="default | quality | all (see lora_ops.fp8.PRESETS)")
+    p.add_argument("--policy", default="default", help="default | quality | all (see lora_ops.fp8.BLOCK_PRESETS)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda: where the quantisation math runs")
     _fp8_args(p)
 

@@ -9,6 +9,7 @@ which weight it went to or why it did not.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import warnings
@@ -244,6 +245,9 @@ class LoRAFile:
     targets: dict[str, list[Adapter]]
     coverage: Coverage
     metadata: dict[str, str] = field(default_factory=dict)
+    #: strength multiplier per target weight (per-block strengths, see lora_ops.blocks); absent = 1
+    target_scales: dict[str, float] = field(default_factory=dict)
+    block_spec: str = ""
 
     @property
     def nbytes(self) -> int:
@@ -261,7 +265,11 @@ class LoRAFile:
     def only(self, targets: set[str]) -> LoRAFile:
         """The same LoRA restricted to some target weights (for merging one tensor at a time)."""
         kept = {k: v for k, v in self.targets.items() if k in targets}
-        return LoRAFile(self.path, self.format, kept, self.coverage, self.metadata)
+        return dataclasses.replace(self, targets=kept)
+
+    def strength_on(self, target: str, strength: float) -> float:
+        """The strength this LoRA applies to one target weight (its block multiplier included)."""
+        return float(strength) * self.target_scales.get(target, 1.0)
 
     def kinds(self) -> dict[str, int]:
         counts: dict[str, int] = {}

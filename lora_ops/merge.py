@@ -191,11 +191,12 @@ def weight_map(target: Mapping[str, torch.Tensor] | torch.nn.Module) -> dict[str
 
 
 def terms_by_target(stack: Sequence[tuple[LoRAFile, float]]) -> dict[str, list[Term]]:
-    """Every (adapter, strength) of a stack, grouped by the weight it changes."""
+    """Every (adapter, strength × block multiplier) of a stack, grouped by the weight it changes."""
     out: dict[str, list[Term]] = {}
     for lora, strength in stack:
         for target, adapters in lora.targets.items():
-            out.setdefault(target, []).extend((a, float(strength)) for a in adapters if strength != 0.0)
+            coeff = lora.strength_on(target, strength)
+            out.setdefault(target, []).extend((a, coeff) for a in adapters if coeff != 0.0)
     return out
 
 

@@ -34,6 +34,10 @@ def _check_finite(tensor: torch.Tensor, source_finite: bool, key: str, loras, mo
         )
 
 
+def _blocks_entry(lora: LoRAFile) -> dict[str, str]:
+    return {"blocks": lora.block_spec} if lora.block_spec else {}
+
+
 def merge_checkpoint(
     model_path: str | Path,
     loras: Sequence[tuple[LoRAFile, float]],
@@ -65,7 +69,7 @@ def merge_checkpoint(
     plan = [(key, stored_dtype(key), model.shape(key)) for key in model.keys()]
     metadata = dict(model.metadata)
     metadata["lora_ops.merged"] = json.dumps(
-        [{"file": lora.path.name, "format": lora.format, "strength": s} for lora, s in loras]
+        [{"file": lora.path.name, "format": lora.format, "strength": s, **_blocks_entry(lora)} for lora, s in loras]
     )
     if out_dtype is not None:
         metadata["lora_ops.dtype"] = dtype

@@ -86,3 +86,55 @@ def test_lora_strength_parsing():
     assert parse_lora_arg("a.safetensors:0.5") == ("a.safetensors", 0.5)
     assert parse_lora_arg("C:\\loras\\a.safetensors") == ("C:\\loras\\a.safetensors", 1.0)
     assert parse_lora_arg("dir:x/a.safetensors:-1") == ("dir:x/a.safetensors", -1.0)
+
+
+def test_inspect_lists_the_blocks_a_lora_touches(files):
+    text = run_cli("inspect", str(files["kohya"]))
+    assert "blocks: double 0-1; single 0-1; outside the blocks: " in text.stdout, text.stdout
+    data = json.loads(run_cli("inspect", str(files["kohya"]), "--json").stdout)
+    assert data["blocks"]["double"] == [0, 1] and data["blocks"]["single"] == [0, 1]
+    assert "img_in" in data["blocks"]["outside"]
+
+
+def test_merge_with_blocks_per_lora(files):
+    """Each --blocks belongs to the --lora before it; the file equals the in-memory merge with those weights."""
+    from lora_ops.blocks import parse_block_spec, with_block_weights
+
+    out = files["dir"] / "merged_blocks.safetensors"
+    result = run_cli("merge", str(files["model"]), "--lora", f"{files['kohya']}:0.8", "--blocks", "single=0",
+                     "--lora", f"{files['diffusers']}:-0.5", "--blocks", "*=1, double.1=2", "--out", str(out),
+                     "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    base = load_file(str(files["model"]))
+    counts = {"double": 2, "single": 2}
+    stack = [(with_block_weights(load_lora(files["kohya"]), parse_block_spec("single=0", counts)), 0.8),
+             (with_block_weights(load_lora(files["diffusers"]), parse_block_spec("*=1, double.1=2", counts)), -0.5)]
+    work = {k: v.clone() for k, v in base.items()}
+    merge_loras(work, stack)
+    got = load_file(str(out))
+    for key, tensor in got.items():
+        assert torch.equal(tensor, work[key]), key
+    single = "model.diffusion_model.single_blocks.0.linear1.weight"
+    alone = {k: v.clone() for k, v in base.items()}
+    merge_loras(alone, [(load_lora(files["diffusers"]), -0.5)])
+    assert torch.equal(got[single], alone[single])  # the kohya LoRA left single blocks alone
+    with safe_open(str(out), "pt") as f:
+        merged = json.loads(f.metadata()["lora_ops.merged"])
+    assert [m.get("blocks") for m in merged] == ["single=0", "*=1, double.1=2"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--blocks", "single=0", "--lora", "L"], "give --lora PATH[:STRENGTH] first"),
+        (["--lora", "L", "--blocks", "single.2=0"], "outside this model, which has single blocks 0-1"),
+        (["--lora", "L", "--blocks", "single=0", "--blocks", "double=0"], "two --blocks"),
+    ],
+)
+def test_merge_blocks_errors_write_nothing(files, args, message):
+    out = files["dir"] / "never.safetensors"
+    args = [str(files["kohya"]) if a == "L" else a for a in args]
+    result = run_cli("merge", str(files["model"]), *args, "--out", str(out))
+    assert result.returncode == 2
+    assert message in result.stderr, result.stderr
+    assert not out.exists()
