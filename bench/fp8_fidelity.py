@@ -79,7 +79,7 @@ def comfy_like_sr(x: torch.Tensor, key: str, scale: float = 1.0) -> torch.Tensor
     out = torch.empty(v.shape, dtype=E4M3)
     for r0 in range(0, v.shape[0], rows):
         piece = v[r0 : r0 + rows]
-        out[r0 : r0 + rows] = fp8.stochastic_e4m3(piece, torch.rand(piece.shape, generator=gen))
+        out[r0 : r0 + rows] = fp8.stochastic_fp8(piece, torch.rand(piece.shape, generator=gen))
     return out
 
 

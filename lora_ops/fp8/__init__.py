@@ -30,6 +30,7 @@ from .merged_rows import DEFAULT_TILE_BYTES, Term, merge_rows_to, quantize, quan
 from .policies import OUTSIDE_LINEARS, PRESETS, FP8Policy, FP8Size, fp8_keys, get_policy, policy_size, preset_sizes
 from .quantize import (
     E4M3,
+    E5M2,
     FP8_MAX,
     ROUNDINGS,
     SCALE_MODES,
@@ -37,11 +38,12 @@ from .quantize import (
     check_rounding,
     check_scale,
     dequantize,
+    fp8_max,
     fresh_scale,
     is_fp8,
     key_seed,
-    round_e4m3,
-    stochastic_e4m3,
+    round_fp8,
+    stochastic_fp8,
     uniform_noise,
 )
 from .writer import FP8Conversion, fp8_conversion, merge_checkpoint_fp8, merge_to_fp8
@@ -49,6 +51,7 @@ from .writer import FP8Conversion, fp8_conversion, merge_checkpoint_fp8, merge_t
 __all__ = [
     "DEFAULT_TILE_BYTES",
     "E4M3",
+    "E5M2",
     "FP8_MAX",
     "INPUT_SCALE_SUFFIX",
     "MARKER",
@@ -77,6 +80,7 @@ __all__ = [
     "dequantize",
     "dequantize_state_dict",
     "fp8_conversion",
+    "fp8_max",
     "fp8_keys",
     "fp8_merge_options",
     "fresh_scale",
@@ -93,8 +97,8 @@ __all__ = [
     "preset_sizes",
     "quantize",
     "quantize_merged",
-    "round_e4m3",
+    "round_fp8",
     "scale_table",
-    "stochastic_e4m3",
+    "stochastic_fp8",
     "uniform_noise",
 ]

@@ -1,4 +1,5 @@
-"""In-place merges into fp8 weights: the merge engine's Codec hooks for scaled and plain float8_e4m3fn."""
+"""In-place merges into fp8 weights: the merge engine's Codec hooks for scaled fp8 (e4m3fn or e5m2 payload with
+one fp32 scale per tensor) and plain float8_e4m3fn."""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ import torch
 from ..flux import strip_model_prefix
 from ..formats import LoRAFile
 from ..merge import Codec, MergeOptions, MergeReport, MergeState, merge_loras
-from .checkpoint import SCALE_SUFFIX
+from .checkpoint import NEW_SCALE_SUFFIX, SCALE_SUFFIX
 from .merged_rows import _check_finite_tile
-from .quantize import E4M3, FP8FormatError, check_rounding, check_scale, fresh_scale, is_fp8, key_seed, round_e4m3
+from .quantize import E4M3, E5M2, FP8FormatError, check_rounding, check_scale, fresh_scale, is_fp8, key_seed, round_fp8
 
 
 class ScaledFP8Codec(Codec):
-    """Per-tensor scaled float8_e4m3fn storage whose scale is recomputed from the merged tensor.
+    """Per-tensor scaled fp8 storage (`dtype` e4m3fn or e5m2) whose scale is recomputed from the merged tensor.
 
     `scale` is the live 0-dim tensor next to the weight (a module buffer / Parameter or a state-dict entry);
     it is updated in `commit` and put back in `rollback`. Decoding/encoding use the scale of the role (see
@@ -23,8 +24,8 @@ class ScaledFP8Codec(Codec):
     """
 
     def __init__(self, key: str, scale: torch.Tensor, *, rounding: str = "nearest", seed: int = 0,
-                 scale_mode: str = "pow2") -> None:
-        super().__init__(E4M3)
+                 scale_mode: str = "pow2", dtype: torch.dtype = E4M3) -> None:
+        super().__init__(dtype)
         check_rounding(rounding)
         self.key = key
         self.scale = scale
@@ -45,8 +46,8 @@ class ScaledFP8Codec(Codec):
         scaled = values / self._scale(role)
         if role == "new" and self.rounding == "stochastic":
             cols = values.shape[1] if values.dim() > 1 else 1
-            return round_e4m3(scaled, "stochastic", self.seed32, row0 * cols)
-        return round_e4m3(scaled, "nearest")
+            return round_fp8(scaled, "stochastic", self.seed32, row0 * cols, self.dtype)
+        return round_fp8(scaled, "nearest", dtype=self.dtype)
 
     def begin(self, job, tile_rows: int) -> None:
         states = job.state.codec_state
@@ -60,7 +61,7 @@ class ScaledFP8Codec(Codec):
         for r0 in range(0, job.matrix.shape[0], tile_rows):
             r1 = min(job.matrix.shape[0], r0 + tile_rows)
             amax = max(amax, _check_finite_tile(job.merged_rows(r0, r1), self.key, r0, True))
-        self.new = fresh_scale(amax, self.scale_mode)
+        self.new = fresh_scale(amax, self.scale_mode, self.dtype)
         states[entry_key] = self.base
 
     def commit(self) -> None:
@@ -83,26 +84,29 @@ class PlainFP8Codec(Codec):
     def encode(self, values: torch.Tensor, key: str, row0: int, role: str = "new") -> torch.Tensor:
         if role == "new" and self.rounding == "stochastic":
             cols = values.shape[1] if values.dim() > 1 else 1
-            return round_e4m3(values, "stochastic", self.seed32, row0 * cols)
-        return round_e4m3(values, "nearest")
+            return round_fp8(values, "stochastic", self.seed32, row0 * cols)
+        return round_fp8(values, "nearest")
 
 
 def _scale_tensors(target: Mapping[str, torch.Tensor] | torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Bare weight name → the live scale tensor of that weight."""
+    """Bare weight name → the live scale tensor of that weight (`scale_weight` of scaled_fp8 files and
+    FP8Linear, `weight_scale` of comfy_quant files)."""
     if isinstance(target, torch.nn.Module):
         items = [*target.named_buffers(), *target.named_parameters()]
     else:
         items = list(target.items())
     out = {}
     for name, t in items:
-        if name.endswith(SCALE_SUFFIX):
-            out[strip_model_prefix(name)[1][: -len(SCALE_SUFFIX)] + ".weight"] = t
+        for suffix in (SCALE_SUFFIX, NEW_SCALE_SUFFIX):
+            if name.endswith(suffix):
+                out[strip_model_prefix(name)[1][: -len(suffix)] + ".weight"] = t
     return out
 
 
 def fp8_merge_options(
     target: Mapping[str, torch.Tensor] | torch.nn.Module,
     *,
+    scales: Mapping[str, torch.Tensor] | None = None,
     rounding: str = "nearest",
     seed: int = 0,
     scale_mode: str = "pow2",
@@ -110,24 +114,30 @@ def fp8_merge_options(
 ) -> MergeOptions:
     """MergeOptions whose codec_for gives fp8 weights a fresh-scale ScaledFP8Codec (others: the default).
 
-    A model with no scales at all is a plain fp8 model: its weights keep scale 1 (`PlainFP8Codec`), as do fp8
-    biases. In a scaled model, an fp8 weight without a (positive, finite) scale raises FP8FormatError.
+    `scales` (weight name → its live 0-dim fp32 scale) names the scaled weights explicitly; without it they are
+    found by name (`<layer>.scale_weight` or `<layer>.weight_scale` next to `<layer>.weight`). A model with no
+    scales at all is a plain fp8 model: its weights keep scale 1 (`PlainFP8Codec`), as do fp8 biases. In a scaled
+    model, an fp8 weight without a (positive, finite) scale raises FP8FormatError.
     """
-    scales = _scale_tensors(target)
+    scales = _scale_tensors(target) if scales is None else {strip_model_prefix(k)[1]: v for k, v in scales.items()}
     opts = options or MergeOptions()
 
     def codec_for(key: str, weight: torch.Tensor) -> Codec:
+        if key in scales:
+            if weight.dtype not in (E4M3, E5M2):
+                raise FP8FormatError(f"{key!r} has a scale but is stored as {weight.dtype}, not fp8")
+            return ScaledFP8Codec(key, scales[key], rounding=rounding, seed=seed, scale_mode=scale_mode,
+                                  dtype=weight.dtype)
         if weight.dtype == E4M3:
-            if key not in scales and (not scales or not key.endswith(".weight")):
+            if not scales or not key.endswith(".weight"):
                 return PlainFP8Codec(rounding, seed, key)
-            if key not in scales:
-                raise FP8FormatError(
-                    f"{key!r} is float8_e4m3fn but has no {key[: -len('.weight')] + SCALE_SUFFIX!r}; without its "
-                    "scale the weight cannot be merged. Load the model with its scales (scaled fp8)."
-                )
-            return ScaledFP8Codec(key, scales[key], rounding=rounding, seed=seed, scale_mode=scale_mode)
+            raise FP8FormatError(
+                f"{key!r} is float8_e4m3fn but has no {key[: -len('.weight')] + SCALE_SUFFIX!r}; without its "
+                "scale the weight cannot be merged. Load the model with its scales (scaled fp8)."
+            )
         if is_fp8(weight.dtype):
-            raise FP8FormatError(f"{key!r} is {weight.dtype}; in-place fp8 merges support float8_e4m3fn only")
+            raise FP8FormatError(f"{key!r} is {weight.dtype} without a scale; in-place merges into unscaled fp8 "
+                                 "support float8_e4m3fn only")
         return Codec(weight.dtype)
 
     return MergeOptions(
@@ -140,6 +150,7 @@ def merge_loras_fp8(
     target: Mapping[str, torch.Tensor] | torch.nn.Module,
     loras: Sequence[tuple[LoRAFile, float]],
     *,
+    scales: Mapping[str, torch.Tensor] | None = None,
     state: MergeState | None = None,
     rounding: str = "nearest",
     seed: int = 0,
@@ -147,8 +158,16 @@ def merge_loras_fp8(
     options: MergeOptions | None = None,
     report: MergeReport | None = None,
 ) -> MergeState:
-    """`merge_loras` for a model whose large Linears are scaled fp8 (FP8Linear, ComfyUI scaled-fp8 ops or a
-    state dict with `scale_weight` keys): fresh scales, exact undo, all-or-nothing. Pass the returned state to
-    the next call (other LoRAs / strengths, or `[]` to restore the original bits and scales)."""
-    opts = fp8_merge_options(target, rounding=rounding, seed=seed, scale_mode=scale_mode, options=options)
+    """`merge_loras` for a model whose large Linears are per-tensor scaled fp8: fresh scales, exact undo,
+    all-or-nothing. Pass the returned state to the next call (other LoRAs / strengths, or `[]` to restore the
+    original bits and scales).
+
+    `target` holds the fp8 payloads (float8_e4m3fn or float8_e5m2) next to any 16-bit weights: FP8Linear, a
+    state dict with `scale_weight` keys, or any name → tensor mapping with `scales` naming each payload's live
+    0-dim fp32 scale (e.g. the parts of another library's quantized tensor). Payloads and scales are changed in
+    place: each merged weight is dequantised, the LoRA terms added in fp32, and the sum quantised once into
+    the same fp8 dtype with a fresh scale.
+    """
+    opts = fp8_merge_options(target, scales=scales, rounding=rounding, seed=seed, scale_mode=scale_mode,
+                             options=options)
     return merge_loras(target, loras, state=state, options=opts, report=report)

@@ -12,7 +12,7 @@ from ..flux import strip_model_prefix
 from .checkpoint import FP8Checkpoint, load_fp8_state_dict
 from .merged_rows import Term, _check_finite_tile, _tile_rows, _tiles, merge_rows_to, quantize_merged
 from .policies import FP8Policy, get_policy
-from .quantize import E4M3, FP8_MAX, FP8FormatError, check_rounding, check_scale, is_fp8, round_e4m3
+from .quantize import E4M3, FP8_MAX, FP8FormatError, check_rounding, check_scale, is_fp8, round_fp8
 
 
 def _scaled_mm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -169,7 +169,7 @@ class FP8Linear(torch.nn.Module):
     def set_weight(self, weight: torch.Tensor, inplace_update: bool = False, seed: int | None = None,
                    return_weight: bool = False, **kwargs):
         scaled = weight.float() / self.scale_weight.to(weight.device)
-        q = round_e4m3(scaled, "nearest" if seed is None else "stochastic", 0 if seed is None else int(seed))
+        q = round_fp8(scaled, "nearest" if seed is None else "stochastic", 0 if seed is None else int(seed))
         if return_weight:
             return q
         if inplace_update:

@@ -13,7 +13,7 @@ import torch
 
 from ..adapters import Adapter, DoRA
 from ..errors import LoRAFormatError, ModelMismatchError
-from .quantize import E4M3, FP8FormatError, check_rounding, fresh_scale, key_seed, round_e4m3
+from .quantize import E4M3, FP8FormatError, check_rounding, fresh_scale, key_seed, round_fp8
 
 DEFAULT_TILE_BYTES = 64 * 1024 * 1024
 #: fp32-sized buffers alive per tile element (base, merged, scaled, stochastic-rounding temporaries).
@@ -134,7 +134,7 @@ def quantize_merged(
         if not checked:
             _check_finite_tile(tile, key, r0, bool(rows.terms))
         scaled = tile * (1.0 / scale) if inv_exact else tile / scale
-        out[r0:r1] = round_e4m3(scaled, rounding, seed32, r0 * cols)
+        out[r0:r1] = round_fp8(scaled, rounding, seed32, r0 * cols)
     return out.reshape(weight.shape), s
 
 

@@ -15,7 +15,10 @@ from ..errors import LoRAOpsError
 from ..flux import strip_model_prefix
 
 E4M3 = torch.float8_e4m3fn
+E5M2 = torch.float8_e5m2
 FP8_MAX = 448.0
+#: per fp8 dtype: (largest finite value, mantissa bits, exponent of the smallest normal)
+_FP8_GRID = {E4M3: (FP8_MAX, 3, -6), E5M2: (57344.0, 2, -14)}
 ROUNDINGS = ("nearest", "stochastic")
 SCALE_MODES = ("pow2", "exact")
 
@@ -24,8 +27,17 @@ class FP8FormatError(LoRAOpsError):
     """An fp8 checkpoint (or fp8 tensor) is unusable: missing, zero or non-finite scales, wrong dtypes."""
 
 
-def fresh_scale(amax: float, mode: str = "pow2") -> float:
-    """The per-tensor scale for a tensor whose largest magnitude is `amax` (values/scale stay within ±448)."""
+def fp8_max(dtype: torch.dtype = E4M3) -> float:
+    """The largest finite value of an fp8 dtype (448 for e4m3fn, 57344 for e5m2)."""
+    if dtype not in _FP8_GRID:
+        raise FP8FormatError(f"{dtype} is not an fp8 dtype this pack writes; use float8_e4m3fn or float8_e5m2")
+    return _FP8_GRID[dtype][0]
+
+
+def fresh_scale(amax: float, mode: str = "pow2", dtype: torch.dtype = E4M3) -> float:
+    """The per-tensor scale for a tensor whose largest magnitude is `amax` (values/scale stay within ±max of
+    `dtype`: 448 for e4m3fn)."""
+    top = fp8_max(dtype)
     if mode not in SCALE_MODES:
         raise LoRAOpsError(f"scale mode {mode!r}: use one of {SCALE_MODES}")
     amax = float(amax)
@@ -34,9 +46,9 @@ def fresh_scale(amax: float, mode: str = "pow2") -> float:
     if amax == 0.0:
         return 1.0
     if mode == "exact":
-        return amax / FP8_MAX
-    scale = 2.0 ** math.ceil(math.log2(amax / FP8_MAX))
-    while amax / scale > FP8_MAX:  # guard against log2 rounding
+        return amax / top
+    scale = 2.0 ** math.ceil(math.log2(amax / top))
+    while amax / scale > top:  # guard against log2 rounding
         scale *= 2.0
     return scale
 
@@ -71,31 +83,33 @@ def uniform_noise(seed: int, offset: int, numel: int, device: torch.device | str
     return (h >> 8).to(torch.float32).mul_(2.0**-24)
 
 
-def stochastic_e4m3(values: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """Round fp32 `values` (already divided by the scale) to e4m3fn: up with probability = the fraction.
+def stochastic_fp8(values: torch.Tensor, noise: torch.Tensor, dtype: torch.dtype = E4M3) -> torch.Tensor:
+    """Round fp32 `values` (already divided by the scale) to `dtype`: up with probability = the fraction.
 
-    `noise` is uniform [0, 1), same shape. Values beyond ±448 saturate. E[result] = values inside the range.
+    `noise` is uniform [0, 1), same shape. Values beyond the dtype's max saturate. E[result] = values inside
+    the range.
     """
-    a = values.abs().clamp_(max=FP8_MAX)
+    fp8_max(dtype)  # a clear error for other dtypes
+    top, mantissa, min_exp = _FP8_GRID[dtype]
+    a = values.abs().clamp_(max=top)
     _, exp = torch.frexp(a)  # a = m * 2**exp, m in [0.5, 1)
-    ulp = torch.ldexp(torch.ones_like(a), (exp - 1).clamp_(min=-6) - 3)
+    ulp = torch.ldexp(torch.ones_like(a), (exp - 1).clamp_(min=min_exp) - mantissa)
     lo = torch.floor(a / ulp).mul_(ulp)
     up = noise.reshape(a.shape) < (a - lo).div_(ulp)
-    r = lo.add_(ulp * up).clamp_(max=FP8_MAX)
-    return torch.copysign(r, values).to(E4M3)
+    r = lo.add_(ulp * up).clamp_(max=top)
+    return torch.copysign(r, values).to(dtype)
 
 
-def round_e4m3(
-    scaled: torch.Tensor, rounding: str = "nearest", seed: int = 0, offset: int = 0
+def round_fp8(
+    scaled: torch.Tensor, rounding: str = "nearest", seed: int = 0, offset: int = 0, dtype: torch.dtype = E4M3
 ) -> torch.Tensor:
-    """fp32 values (already divided by the scale) → float8_e4m3fn, saturating at ±448."""
+    """fp32 values (already divided by the scale) → `dtype` (e4m3fn or e5m2), saturating at its max."""
+    top = fp8_max(dtype)
     if rounding == "nearest":
-        return scaled.clamp(-FP8_MAX, FP8_MAX).to(E4M3)
+        return scaled.clamp(-top, top).to(dtype)
     if rounding == "stochastic":
-        return stochastic_e4m3(scaled, uniform_noise(seed, offset, scaled.numel(), scaled.device))
+        return stochastic_fp8(scaled, uniform_noise(seed, offset, scaled.numel(), scaled.device), dtype)
     raise LoRAOpsError(f"rounding {rounding!r}: use one of {ROUNDINGS}")
-
-
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor | float | None = None, dtype: torch.dtype = torch.float32

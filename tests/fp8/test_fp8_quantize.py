@@ -54,7 +54,7 @@ def test_fresh_scale_edge_cases():
 
 def test_nearest_equals_torch_cast_and_saturates():
     x = torch.tensor([0.0, 1.0, 1.0625, 447.0, 449.0, 1e9, -1e9, 2**-10, 3 * 2**-11])
-    q = fp8.round_e4m3(x)
+    q = fp8.round_fp8(x)
     assert torch.equal(bits(q), bits(x.clamp(-448, 448).to(E4M3)))
     assert q.float()[4] == 448 and q.float()[6] == -448
 
@@ -84,7 +84,7 @@ def test_stochastic_rounding_unbiased():
     assert abs(float((runs[0] - w).mean())) < float((runs[0] - w).std()) / 20
     # probability of rounding up matches the fraction: a value 1/4 of the way between two grid points
     x = torch.full((20000,), 1.0 + 0.125 / 4)
-    q = fp8.round_e4m3(x, "stochastic", seed=5)
+    q = fp8.round_fp8(x, "stochastic", seed=5)
     assert set(q.float().unique().tolist()) == {1.0, 1.125}
     assert abs(float((q.float() == 1.125).float().mean()) - 0.25) < 0.015
 
