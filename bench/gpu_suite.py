@@ -660,7 +660,7 @@ class Suite:
             model = str(write_flux_checkpoint(Path(self.tmp.name) / "shape.safetensors", self.shape))
         else:
             model = "flux-dev"
-        common = dict(model=model, dtype="bf16", t5="offload", clip="offload", vae="offload",
+        common = dict(model=model, dtype="bf16", text_encoder="offload", clip="offload", vae="offload",
                       text_tokens=self.text_tokens)
         rows = []
 

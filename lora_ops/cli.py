@@ -172,7 +172,8 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--cfg", action="store_true", help="true CFG with a negative prompt (doubles the batch)")
-    p.add_argument("--t5", default="bf16", help="bf16 | fp8 | offload")
+    p.add_argument("--text-encoder", "--t5", dest="text_encoder", default="bf16",
+                   help="the model's text encoder (T5-XXL, Mistral Small 3.1, Qwen3): bf16 | fp8 | offload")
     p.add_argument("--clip", default="bf16", help="bf16 | offload")
     p.add_argument("--vae", default="bf16", help="bf16 | offload")
     p.add_argument("--card", type=float, default=None, help="card memory in GiB (default: the current CUDA device)")
@@ -186,8 +187,8 @@ def _plan(args: argparse.Namespace) -> int:
 
     result = plan(PlanRequest(
         model=args.model, dtype=args.dtype, loras=tuple(args.lora), lora_rank=args.lora_rank, mode=args.mode,
-        width=args.width, height=args.height, batch=args.batch, cfg=args.cfg, t5=args.t5, clip=args.clip,
-        vae=args.vae, card_gib=args.card, text_tokens=args.text_tokens,
+        width=args.width, height=args.height, batch=args.batch, cfg=args.cfg, text_encoder=args.text_encoder,
+        clip=args.clip, vae=args.vae, card_gib=args.card, text_tokens=args.text_tokens,
     ))
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.format_table())
     return 0

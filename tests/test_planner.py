@@ -13,6 +13,10 @@ from lora_ops.flux import FLUX_DEV, FluxShape, flux_weight_shapes, is_block_line
 from lora_ops.fp8 import policy_size
 from lora_ops.planner import (
     GIB,
+    MISTRAL_SMALL_3_1,
+    QWEN3_4B,
+    QWEN3_8B,
+    T5_XXL,
     UNMERGED_BYTES_PER_PARAM,
     activation_points,
     clip_l_text_params,
@@ -20,16 +24,28 @@ from lora_ops.planner import (
     kohya_lora_params,
     plan,
     t5_xxl_encoder_params,
+    text_encoder_for,
+    vae_params,
 )
 from lora_ops.synthetic import write_flux_checkpoint, write_kohya_lora
 
-TINY = FluxShape(hidden=64, depth=2, depth_single=3, heads=2, in_channels=16, out_channels=16, context_dim=32,
-                 vec_dim=24, time_dim=16)
+TINY = FluxShape(
+    hidden=64,
+    depth=2,
+    depth_single=3,
+    heads=2,
+    in_channels=16,
+    out_channels=16,
+    context_dim=32,
+    vec_dim=24,
+    time_dim=16,
+)
 #: kohya's flux_minimal_inference with --offload: only the diffusion model (and LoRA) on the GPU.
-OFFLOAD = dict(t5="offload", clip="offload", vae="offload")
+OFFLOAD = dict(text_encoder="offload", clip="offload", vae="offload")
 
 
 # --- known figures ------------------------------------------------------------------------------
+
 
 def test_flux_dev_weights_from_architecture():
     p = plan(model="flux-dev", dtype="bf16")
@@ -57,6 +73,25 @@ def test_companion_models_from_their_configs():
     assert round(flux_ae_params() / 1e6) == 84
 
 
+def test_text_encoders_match_their_published_sizes():
+    """The LLM encoders as ComfyUI loads them; published: Qwen3-4B 4.0 B (3.6 B without the embedding), Qwen3-8B
+    8.2 B (6.95 B), Mistral Small 3.1 24 B with its 0.4 B vision tower and output head, which ComfyUI does not load."""
+    assert round(QWEN3_4B.params / 1e9, 2) == 4.02
+    assert round((QWEN3_4B.params - 151936 * 2560) / 1e9, 1) == 3.6
+    assert round(QWEN3_8B.params / 1e9, 2) == 8.19
+    assert round((QWEN3_8B.params - 2 * 151936 * 4096) / 1e9, 2) == 6.95
+    assert round(MISTRAL_SMALL_3_1.params / 1e9, 2) == 22.90
+    assert 23.5e9 < MISTRAL_SMALL_3_1.params + 131072 * 5120 < 23.7e9  # + output head; the rest is the vision tower
+    # fp8 files keep the embedding and the norms in bf16
+    assert QWEN3_4B.bytes("fp8") == QWEN3_4B.params + QWEN3_4B.bf16_in_fp8
+    assert QWEN3_4B.bf16_in_fp8 == 151936 * 2560 + 36 * (2 * 2560 + 2 * 128) + 2560
+    # the encoder follows from the width txt_in reads: Flux.2 stacks three hidden states of its LLM
+    assert text_encoder_for(4096) is T5_XXL and text_encoder_for(3 * 5120) is MISTRAL_SMALL_3_1
+    assert text_encoder_for(3 * 2560) is QWEN3_4B and text_encoder_for(3 * 4096) is QWEN3_8B
+    assert text_encoder_for(1234) is None
+    assert vae_params(64) == flux_ae_params() and vae_params(128) == flux_ae_params(z_channels=32)
+
+
 def test_activation_model_at_one_megapixel():
     p = plan(model="flux-dev", width=1024, height=1024)
     assert (p.image_tokens, p.text_tokens) == (4096, 512)
@@ -74,12 +109,18 @@ def test_lora_branch_and_fp8_upcast_enter_the_linear_points():
     with_lora = activation_points(FLUX_DEV, 4096, 512, 1, lora_targets=["single_blocks.0.linear1.weight"])
     assert with_lora["single block: linear1"] - base["single block: linear1"] == 4608 * 21504 * 2
     assert with_lora["single block: RoPE"] == base["single block: RoPE"]
-    fp8 = activation_points(FLUX_DEV, 4096, 512, 1,
-                            weight_dtype={f"single_blocks.{i}.linear1.weight": torch.float8_e4m3fn for i in range(38)})
+    fp8 = activation_points(
+        FLUX_DEV,
+        4096,
+        512,
+        1,
+        weight_dtype={f"single_blocks.{i}.linear1.weight": torch.float8_e4m3fn for i in range(38)},
+    )
     assert fp8["single block: linear1"] - base["single block: linear1"] == 21504 * 3072 * 2
 
 
 # --- comparisons --------------------------------------------------------------------------------
+
 
 def test_merged_saves_exactly_the_lora_bytes():
     unmerged = plan(model="flux-dev", lora_rank=32, mode="unmerged", **OFFLOAD)
@@ -109,13 +150,15 @@ def test_fp8_halves_weights():
 
 
 def test_issue_1466_rank32_unmerged_on_24gb():
-    p = plan(model="flux-dev", dtype="bf16", lora_rank=32, mode="unmerged", width=1024, height=1024, card_gib=24,
-             **OFFLOAD)
+    p = plan(
+        model="flux-dev", dtype="bf16", lora_rank=32, mode="unmerged", width=1024, height=1024, card_gib=24, **OFFLOAD
+    )
     assert p.fits is False and p.verdict == "does not fit"
     assert p.usable_bytes == int(23.5 * GIB)
     assert p.suggestion == ["merge the LoRA"] and p.suggestion_fits
-    merged = plan(model="flux-dev", dtype="bf16", lora_rank=32, mode="merged", width=1024, height=1024, card_gib=24,
-                  **OFFLOAD)
+    merged = plan(
+        model="flux-dev", dtype="bf16", lora_rank=32, mode="merged", width=1024, height=1024, card_gib=24, **OFFLOAD
+    )
     assert merged.fits is True and merged.suggestion is None
     assert merged.peak_bytes == p.suggestion_peak_bytes
     rank4 = plan(model="flux-dev", lora_rank=4, card_gib=24, **OFFLOAD)  # "nearly 24GB" but it runs
@@ -147,7 +190,7 @@ def test_suggestions_follow_the_cost_order():
     combo = plan(model="flux-dev", lora_rank=128, card_gib=16)
     assert combo.suggestion == ["merge the LoRA", "fp8 weights (fp8-default)", "offload T5"]
     assert combo.suggestion_fits
-    assert plan(model="flux-dev", lora_rank=128, card_gib=16, dtype="fp8-default", t5="offload").fits is False
+    assert plan(model="flux-dev", lora_rank=128, card_gib=16, dtype="fp8-default", text_encoder="offload").fits is False
     # when nothing fits, the strongest combination is reported (T5 offloaded, not merely fp8)
     assert "offload T5" in tiny.suggestion and "fp8 T5" not in tiny.suggestion
 
@@ -161,6 +204,7 @@ def test_json_form_is_serialisable():
 
 # --- header-read path -----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
 def test_checkpoint_header_path(tmp_path, prefix):
     ckpt = write_flux_checkpoint(tmp_path / "tiny.safetensors", TINY, prefix=prefix)
@@ -170,8 +214,9 @@ def test_checkpoint_header_path(tmp_path, prefix):
     assert from_file.weights == {"bf16": (parameter_count(TINY), 2 * parameter_count(TINY))}
     assert from_file.lora_params == kohya_lora_params(TINY, 4)
     assert from_file.image_tokens == 16 * 8
-    expected = activation_points(TINY, 128, 512, 1, lora_targets=[n for n in flux_weight_shapes(TINY)
-                                                                     if is_block_linear(n)])
+    expected = activation_points(
+        TINY, 128, 512, 1, lora_targets=[n for n in flux_weight_shapes(TINY) if is_block_linear(n)]
+    )
     assert from_file.activation_points == expected
     # planning another storage dtype for the same file
     as_fp8 = plan(model=str(ckpt), dtype="fp8")
@@ -186,17 +231,21 @@ def test_checkpoint_stored_in_fp8_is_counted_as_stored(tmp_path):
 
 # --- bad input ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kw, words", [
-    (dict(width=-1024), "width"),
-    (dict(height=0), "height"),
-    (dict(batch=0), "batch"),
-    (dict(lora_rank=-32), "rank"),
-    (dict(card_gib=-24), "card"),
-    (dict(dtype="int4"), "int4"),
-    (dict(mode="bypass"), "bypass"),
-    (dict(t5="fp4"), "T5"),
-    (dict(model="flux-pro"), "flux-pro"),
-])
+
+@pytest.mark.parametrize(
+    "kw, words",
+    [
+        (dict(width=-1024), "width"),
+        (dict(height=0), "height"),
+        (dict(batch=0), "batch"),
+        (dict(lora_rank=-32), "rank"),
+        (dict(card_gib=-24), "card"),
+        (dict(dtype="int4"), "int4"),
+        (dict(mode="bypass"), "bypass"),
+        (dict(text_encoder="fp4"), "text-encoder"),
+        (dict(model="flux-pro"), "flux-pro"),
+    ],
+)
 def test_bad_input_is_a_clear_error(kw, words):
     with pytest.raises(LoRAOpsError, match=words):
         plan(**kw)
@@ -220,9 +269,34 @@ def test_unreadable_and_foreign_files(tmp_path):
 
 
 def test_cli_plan(capsys):
-    assert cli_main(["plan", "--model", "flux-dev", "--dtype", "bf16", "--lora-rank", "32", "--mode", "unmerged",
-                     "--width", "1024", "--height", "1024", "--card", "24", "--t5", "offload", "--clip", "offload",
-                     "--vae", "offload"]) == 0
+    assert (
+        cli_main(
+            [
+                "plan",
+                "--model",
+                "flux-dev",
+                "--dtype",
+                "bf16",
+                "--lora-rank",
+                "32",
+                "--mode",
+                "unmerged",
+                "--width",
+                "1024",
+                "--height",
+                "1024",
+                "--card",
+                "24",
+                "--t5",
+                "offload",
+                "--clip",
+                "offload",
+                "--vae",
+                "offload",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "does not fit" in out and "merge the LoRA" in out and "22.17" in out
     assert cli_main(["plan", "--lora-rank", "32", "--card", "24", "--json"]) == 0

@@ -8,11 +8,12 @@
   flux_minimal_inference does (fp32 factors + the bf16 copy autocast caches = 6 B/param), 0 merged;
 * the peak of the merge temporaries when merged: this package's tile vs a full-layer fp32 merge;
 * activations of one forward at the resolution / batch / CFG (model below);
-* text encoders (T5-XXL, CLIP-L) and the VAE when they stay on the GPU during sampling;
+* the family's text encoders (T5-XXL + CLIP-L, Mistral Small 3.1, Qwen3) and the VAE when they stay on
+  the GPU during sampling;
 
 and compares the peak with the card (usable = total - 0.5 GiB for the CUDA context and
 workspaces). When it does not fit it tries, in this order, the cheap changes: merge the LoRA, fp8
-weights, offload T5, fp8 T5, no CFG / smaller batch.
+weights, offload the text encoder, fp8 text encoder, no CFG / smaller batch.
 
 By job: `inputs` (the request, model and LoRA headers), `companions` (encoders, VAE), `memory`
 (weights, merge temporaries), `activations` (the activation model), `result` (the Plan), `evaluate`
@@ -20,9 +21,29 @@ By job: `inputs` (the request, model and LoRA headers), `companions` (encoders, 
 """
 
 from .activations import ACTIVATION_FORMULA, activation_points, tokens_for
-from .companions import clip_l_text_params, flux_ae_params, t5_xxl_bf16_resident_params, t5_xxl_encoder_params
+from .companions import (
+    MISTRAL_SMALL_3_1,
+    QWEN3_4B,
+    QWEN3_8B,
+    T5_XXL,
+    TextEncoder,
+    clip_l_text_params,
+    flux_ae_params,
+    t5_xxl_bf16_resident_params,
+    t5_xxl_encoder_params,
+    text_encoder_for,
+    vae_params,
+)
 from .evaluate import plan
-from .inputs import MODES, PRESETS, RESIDENT_CHOICES, T5_CHOICES, WEIGHT_POLICIES, PlanRequest, kohya_lora_params
+from .inputs import (
+    MODES,
+    PRESETS,
+    RESIDENT_CHOICES,
+    TEXT_ENCODER_CHOICES,
+    WEIGHT_POLICIES,
+    PlanRequest,
+    kohya_lora_params,
+)
 from .memory import CUDA_RESERVE_BYTES, GIB, MIB, UNMERGED_BYTES_PER_PARAM, fp8_policy_dtype
 from .result import Plan
 
@@ -30,11 +51,16 @@ __all__ = [
     "ACTIVATION_FORMULA",
     "CUDA_RESERVE_BYTES",
     "GIB",
+    "MISTRAL_SMALL_3_1",
+    "QWEN3_4B",
+    "QWEN3_8B",
+    "T5_XXL",
+    "TextEncoder",
     "MIB",
     "MODES",
     "PRESETS",
     "RESIDENT_CHOICES",
-    "T5_CHOICES",
+    "TEXT_ENCODER_CHOICES",
     "UNMERGED_BYTES_PER_PARAM",
     "WEIGHT_POLICIES",
     "Plan",
@@ -47,5 +73,7 @@ __all__ = [
     "plan",
     "t5_xxl_bf16_resident_params",
     "t5_xxl_encoder_params",
+    "text_encoder_for",
     "tokens_for",
+    "vae_params",
 ]

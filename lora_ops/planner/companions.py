@@ -1,6 +1,15 @@
-"""Parameter counts of the models that run beside Flux (text encoders, VAE), from their configs."""
+"""Parameter counts of the models that run beside Flux (text encoders, VAE), from their configs.
+
+Which text encoder a Flux model needs follows from its architecture: `txt_in` reads the encoder's
+hidden state (T5-XXL's 4096 for Flux.1 and Chroma); Flux.2 stacks three hidden states of its language
+model, so `txt_in` reads 3 x that model's width (Mistral Small 3.1: 5120, Qwen3-4B: 2560, Qwen3-8B: 4096).
+Sizes are those ComfyUI loads (comfy/text_encoders/llama.py, flux.py in 0.33): the language model
+without a vision tower, with an output head only where the checkpoint has an untied one.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 
 def t5_xxl_encoder_params(
@@ -69,3 +78,76 @@ def flux_ae_params(
         if i != 0:
             n += conv(block_in, block_in, 3)
     return n + 2 * block_in + conv(block_in, io_channels, 3)
+
+
+def decoder_lm_params(
+    vocab: int,
+    hidden: int,
+    intermediate: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    *,
+    qk_norm: bool = False,
+    lm_head: bool = False,
+) -> int:
+    """A Llama-style decoder (Mistral, Qwen3): grouped-query attention, gated SiLU MLP, RMSNorms, no biases."""
+    attention = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2  # q, o; k, v
+    norms = 2 * hidden + (2 * head_dim if qk_norm else 0)
+    per_layer = attention + 3 * hidden * intermediate + norms
+    return vocab * hidden * (2 if lm_head else 1) + layers * per_layer + hidden
+
+
+def decoder_lm_bf16_in_fp8(vocab: int, hidden: int, layers: int, head_dim: int, *, qk_norm: bool = False) -> int:
+    """Parameters an fp8 text-encoder file keeps in bf16: the embedding and the norms (every Linear is fp8)."""
+    return vocab * hidden + layers * (2 * hidden + (2 * head_dim if qk_norm else 0)) + hidden
+
+
+@dataclass(frozen=True)
+class TextEncoder:
+    """A text encoder's size: all parameters, and those that stay bf16 when it is stored in fp8."""
+
+    name: str
+    short: str
+    params: int
+    bf16_in_fp8: int
+
+    def bytes(self, storage: str) -> int:
+        """Bytes on the GPU stored as `storage` ("bf16" or "fp8"; fp8 keeps the embedding and norms bf16)."""
+        if storage == "fp8":
+            return (self.params - self.bf16_in_fp8) + 2 * self.bf16_in_fp8
+        return 2 * self.params
+
+
+def _qwen3(name: str, hidden: int, intermediate: int, lm_head: bool) -> TextEncoder:
+    params = decoder_lm_params(151936, hidden, intermediate, 36, 32, 8, 128, qk_norm=True, lm_head=lm_head)
+    keep = decoder_lm_bf16_in_fp8(151936, hidden, 36, 128, qk_norm=True)
+    return TextEncoder(name, "Qwen3", params, keep)
+
+
+T5_XXL = TextEncoder("T5-XXL", "T5", t5_xxl_encoder_params(), t5_xxl_bf16_resident_params())
+MISTRAL_SMALL_3_1 = TextEncoder(
+    "Mistral Small 3.1 24B (language model)",
+    "Mistral",
+    decoder_lm_params(131072, 5120, 32768, 40, 32, 8, 128),
+    decoder_lm_bf16_in_fp8(131072, 5120, 40, 128),
+)
+QWEN3_4B = _qwen3("Qwen3-4B", 2560, 9728, lm_head=False)  # tied embedding: no separate output head
+QWEN3_8B = _qwen3("Qwen3-8B", 4096, 12288, lm_head=True)
+
+#: The text encoder by the width `txt_in` reads (Flux.2: three stacked hidden states of its LLM).
+TEXT_ENCODER_BY_CONTEXT = {4096: T5_XXL, 3 * 5120: MISTRAL_SMALL_3_1, 3 * 2560: QWEN3_4B, 3 * 4096: QWEN3_8B}
+#: Flux.1's pooled-vector input width (CLIP-L); Chroma and Flux.2 have no vector_in.
+CLIP_L_WIDTH = 768
+
+
+def text_encoder_for(context_dim: int) -> TextEncoder | None:
+    """The text encoder feeding a `txt_in` of this width, None when no known one does."""
+    return TEXT_ENCODER_BY_CONTEXT.get(context_dim)
+
+
+def vae_params(in_channels: int) -> int:
+    """The family's autoencoder: Flux packs 2x2 latent patches, so the latent has in_channels / 4 channels
+    (Flux.1 and Chroma 16, Flux.2 32)."""
+    return flux_ae_params(z_channels=in_channels // 4)

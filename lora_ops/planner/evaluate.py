@@ -8,8 +8,9 @@ from pathlib import Path
 
 import torch
 
-from ..flux import is_block_linear
+from ..flux import FluxShape, is_block_linear
 from .activations import activation_points, tokens_for
+from .companions import text_encoder_for
 from .inputs import LoRAInfo, ModelInfo, PlanRequest, check_request, read_loras, read_model
 from .memory import GIB, UNMERGED_BYTES_PER_PARAM, encoder_bytes, merge_temporaries, weight_dtypes, weights_by_dtype
 from .result import Plan
@@ -56,7 +57,7 @@ def _evaluate(req: PlanRequest, model: ModelInfo, lora: LoRAInfo | None) -> Plan
         text_tokens=text_tokens,
         effective_batch=eff_batch,
         merge=merge,
-        encoders=encoder_bytes(req),
+        encoders=encoder_bytes(req, model.shape),
         card_bytes=card,
         card_source=source,
         notes=[*model.notes, *(lora.notes if lora else [])],
@@ -67,7 +68,9 @@ def _evaluate(req: PlanRequest, model: ModelInfo, lora: LoRAInfo | None) -> Plan
     return plan
 
 
-def _changes(req: PlanRequest, has_lora: bool, stored_policy: str) -> list[tuple[str, dict[str, object]]]:
+def _changes(
+    req: PlanRequest, shape: FluxShape, has_lora: bool, stored_policy: str
+) -> list[tuple[str, dict[str, object]]]:
     """Candidate changes, cheapest first."""
     out: list[tuple[str, dict[str, object]]] = []
     if has_lora and req.mode == "unmerged":
@@ -78,10 +81,11 @@ def _changes(req: PlanRequest, has_lora: bool, stored_policy: str) -> list[tuple
         out.append(("fp8 weights (fp8-default)", {"dtype": "fp8-default"}))
     elif current == "fp8-quality":
         out.append(("fp8 weights (fp8-default)", {"dtype": "fp8-default"}))
-    if req.t5 != "offload":
-        out.append(("offload T5", {"t5": "offload"}))
-    if req.t5 == "bf16":
-        out.append(("fp8 T5", {"t5": "fp8"}))
+    encoder = text_encoder_for(shape.context_dim)
+    if encoder is not None and req.text_encoder != "offload":
+        out.append((f"offload {encoder.short}", {"text_encoder": "offload"}))
+    if encoder is not None and req.text_encoder == "bf16":
+        out.append((f"fp8 {encoder.short}", {"text_encoder": "fp8"}))
     if req.cfg:
         out.append(("no CFG", {"cfg": False}))
     batch = req.batch
@@ -97,7 +101,7 @@ def _suggest(plan: Plan, model: ModelInfo, lora: LoRAInfo | None) -> None:
         return
     linears = [d for n, (_, d) in model.tensors.items() if is_block_linear(n)]
     stored = "fp8" if linears and all(d.itemsize == 1 for d in linears) else "bf16"
-    candidates = _changes(req, lora is not None, stored)
+    candidates = _changes(req, model.shape, lora is not None, stored)
 
     def attempt(chosen: list[tuple[str, dict[str, object]]]) -> Plan:
         kw: dict[str, object] = {}
@@ -114,7 +118,7 @@ def _suggest(plan: Plan, model: ModelInfo, lora: LoRAInfo | None) -> None:
     trial = plan
     for candidate in candidates:  # accumulate in order (keeping what lowers the peak) until it fits
         keys = set(candidate[1])
-        option = [c for c in chosen if not keys & set(c[1])] + [candidate]  # a later fp8/T5/batch step replaces
+        option = [c for c in chosen if not keys & set(c[1])] + [candidate]  # a later fp8/encoder/batch step replaces
         better = attempt(option)
         if better.peak_bytes < trial.peak_bytes:
             chosen, trial = option, better

@@ -28,7 +28,7 @@ PRESETS: dict[str, FluxShape] = {"flux-dev": FLUX_DEV, "flux-schnell": FLUX_SCHN
 #: lora_ops.fp8 policy (scaled fp8, one fp32 scale per fp8 weight): fp8-default = the block Linear
 #: weights in fp8, everything else bf16; fp8-quality = also the modulation Linears bf16.
 WEIGHT_POLICIES = ("bf16", "fp16", "fp32", "fp8", *(f"fp8-{name}" for name in fp8.PRESETS))
-T5_CHOICES = ("bf16", "fp8", "offload")
+TEXT_ENCODER_CHOICES = ("bf16", "fp8", "offload")
 RESIDENT_CHOICES = ("bf16", "offload")
 MODES = ("unmerged", "merged")
 
@@ -62,7 +62,7 @@ class PlanRequest:
     height: int = 1024
     batch: int = 1
     cfg: bool = False  # true CFG with a negative prompt doubles the batch
-    t5: str = "bf16"  # bf16 | fp8 | offload
+    text_encoder: str = "bf16"  # the family's big text encoder (T5-XXL, Mistral, Qwen3): bf16 | fp8 | offload
     clip: str = "bf16"  # bf16 | offload
     vae: str = "bf16"  # bf16 | offload
     card_gib: float | None = None  # None: the current CUDA device, if there is one
@@ -105,8 +105,9 @@ def check_request(req: PlanRequest) -> None:
         raise LoRAOpsError(f"unknown mode {req.mode!r}; choose unmerged or merged")
     if req.dtype is not None and req.dtype not in WEIGHT_POLICIES:
         raise LoRAOpsError(f"unknown weight dtype {req.dtype!r}; choose one of {', '.join(WEIGHT_POLICIES)}")
-    if req.t5 not in T5_CHOICES:
-        raise LoRAOpsError(f"unknown T5 setting {req.t5!r}; choose one of {', '.join(T5_CHOICES)}")
+    if req.text_encoder not in TEXT_ENCODER_CHOICES:
+        choices = ", ".join(TEXT_ENCODER_CHOICES)
+        raise LoRAOpsError(f"unknown text-encoder setting {req.text_encoder!r}; choose one of {choices}")
     for name, value in (("CLIP", req.clip), ("VAE", req.vae)):
         if value not in RESIDENT_CHOICES:
             raise LoRAOpsError(f"unknown {name} setting {value!r}; choose one of {', '.join(RESIDENT_CHOICES)}")

@@ -9,8 +9,9 @@ import torch
 
 from .. import fp8
 from ..errors import LoRAOpsError
+from ..flux import FluxShape
 from ..merge import tile_rows_for, working_bytes
-from .companions import clip_l_text_params, flux_ae_params, t5_xxl_bf16_resident_params, t5_xxl_encoder_params
+from .companions import CLIP_L_WIDTH, clip_l_text_params, text_encoder_for, vae_params
 from .inputs import WEIGHT_POLICIES, LoRAInfo, ModelInfo, PlanRequest
 
 GIB = 1 << 30
@@ -112,15 +113,16 @@ def merge_temporaries(
     }
 
 
-def encoder_bytes(req: PlanRequest) -> dict[str, int]:
+def encoder_bytes(req: PlanRequest, shape: FluxShape) -> dict[str, int]:
+    """The companions that stay on the GPU while sampling: the family's text encoder(s) and its VAE."""
     out = {}
-    if req.t5 == "bf16":
-        out["T5-XXL bf16"] = t5_xxl_encoder_params() * 2
-    elif req.t5 == "fp8":
-        keep = t5_xxl_bf16_resident_params()
-        out["T5-XXL fp8 (embedding, norms bf16)"] = (t5_xxl_encoder_params() - keep) + keep * 2
-    if req.clip == "bf16":
+    encoder = text_encoder_for(shape.context_dim)
+    if encoder is not None and req.text_encoder == "bf16":
+        out[f"{encoder.name} bf16"] = encoder.bytes("bf16")
+    elif encoder is not None and req.text_encoder == "fp8":
+        out[f"{encoder.name} fp8 (embedding, norms bf16)"] = encoder.bytes("fp8")
+    if shape.vec_dim == CLIP_L_WIDTH and req.clip == "bf16":
         out["CLIP-L bf16"] = clip_l_text_params() * 2
     if req.vae == "bf16":
-        out["VAE bf16"] = flux_ae_params() * 2
+        out["VAE bf16"] = vae_params(shape.in_channels) * 2
     return out
