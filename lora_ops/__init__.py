@@ -14,8 +14,8 @@ from .blocks import (
 )
 from .errors import LoRAFormatError, LoRAFormatWarning, LoRAOpsError, ModelMismatchError, UnsafeFileError
 from .flux import FLUX_DEV, FLUX_SCHNELL, FluxShape, flux_weight_shapes
-from .formats import Coverage, LoRAFile, load_lora
-from .merge import MergeOptions, MergeReport, MergeState, merge_loras, restore
+from .formats import Coverage, LoRAFile, check_fits, load_lora
+from .merge import MergeOptions, MergeReport, MergeState, merge_loras, restore, terms_by_target
 
 __version__ = "0.1.0"
 
@@ -38,10 +38,12 @@ __all__ = [
     "UnsafeFileError",
     "block_counts",
     "blocks_touched",
+    "check_fits",
     "flux_weight_shapes",
     "load_lora",
     "merge_loras",
     "parse_block_spec",
     "restore",
+    "terms_by_target",
     "with_block_weights",
 ]

@@ -1,19 +1,21 @@
 """The pack's nodes, declared once: inputs with tooltips, outputs, and what each node does.
 
 `v3.py` and `v1.py` turn these declarations into ComfyUI node classes (V3 schema / V1 INPUT_TYPES), so
-both registration paths expose the same nodes. The work itself is in `runtime.py` (merge at load),
-`library.py` (parsed LoRA files) and `vram.py` (report); the math is in `lora_ops`.
+both registration paths expose the same nodes. The work itself is in `runtime.py` (what a node asks of a
+MODEL; merged at load by `lifecycle.py`), `library.py` (parsed LoRA files) and `vram.py` (report); the math is in
+`lora_ops`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import folder_paths
 
+from ..lora_ops.fp8 import PRESETS, ROUNDINGS
 from . import library, runtime, vram
 
 CATEGORY = "Flux LoRA Ops"
@@ -58,7 +60,6 @@ class NodeDef:
     run: Callable[..., Result]
     output_node: bool = False
     always_run: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 class LoRAStack(tuple):
@@ -204,14 +205,6 @@ MERGE = NodeDef(
 # --------------------------------------------------------------------------------------------- CastFluxFP8
 
 
-def _fp8_module():
-    try:
-        from ..lora_ops import fp8
-    except ImportError:  # the fp8 module is optional for the rest of the pack
-        return None
-    return fp8
-
-
 def run_cast_fp8(model, policy: str = "default", rounding: str = "nearest", fp8_matmul: bool = False) -> Result:
     cast = runtime.attach_fp8(model, policy=policy, rounding=rounding, fp8_matmul=fp8_matmul)
     plan = cast.attachments[runtime.ATTACHMENT]
@@ -225,10 +218,7 @@ def run_cast_fp8(model, policy: str = "default", rounding: str = "nearest", fp8_
 
 
 def _policy_help() -> str:
-    fp8 = _fp8_module()
-    if fp8 is None:
-        return ""
-    return " ".join(f"{name}: {p.description}." for name, p in fp8.PRESETS.items())
+    return " ".join(f"{name}: {p.description}." for name, p in PRESETS.items())
 
 
 CAST_FP8 = NodeDef(
@@ -247,7 +237,7 @@ CAST_FP8 = NodeDef(
             "COMBO",
             "Which Linears go to fp8. " + _policy_help(),
             default="default",
-            options=lambda: list(_fp8_module().PRESETS),
+            options=lambda: list(PRESETS),
         ),
         In(
             "rounding",
@@ -255,7 +245,7 @@ CAST_FP8 = NodeDef(
             "nearest: lowest error (recommended). stochastic: unbiased on average, about 1.4x the error.",
             optional=True,
             default="nearest",
-            options=lambda: list(_fp8_module().ROUNDINGS),
+            options=lambda: list(ROUNDINGS),
         ),
         In(
             "fp8_matmul",
@@ -313,4 +303,4 @@ def always_changed(**_kwargs) -> float:
     return math.nan
 
 
-NODE_DEFS: tuple[NodeDef, ...] = (LOAD_LORA, MERGE, *((CAST_FP8,) if _fp8_module() else ()), VRAM_REPORT)
+NODE_DEFS: tuple[NodeDef, ...] = (LOAD_LORA, MERGE, CAST_FP8, VRAM_REPORT)

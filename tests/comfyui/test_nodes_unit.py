@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+REPO_ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hostile_files as hf  # noqa: E402
 from lora_factory import TINY, base_state_dict, write_lora  # noqa: E402
@@ -80,6 +80,12 @@ def pack(comfy):
 @pytest.fixture(scope="module")
 def rt(pack):
     return sys.modules[pack.__name__ + ".nodes.runtime"]
+
+
+@pytest.fixture(scope="module")
+def lc(pack):
+    """The load / undo / switch module (what runs inside ComfyUI's patcher)."""
+    return sys.modules[pack.__name__ + ".nodes.lifecycle"]
 
 
 @pytest.fixture(scope="module")
@@ -167,16 +173,16 @@ def load(comfy, patcher) -> None:
 # --------------------------------------------------------------------------------------------- merge / undo
 
 
-def test_merge_at_load_then_plain_branch_gets_exact_base(comfy, pack, rt, plain, base, loras):
+def test_merge_at_load_then_plain_branch_gets_exact_base(lc, comfy, pack, rt, plain, base, loras):
     merged = rt.attach_plan(plain, [entry(rt, loras["a"], 0.8)])
     assert merged.patches_uuid != plain.patches_uuid
     assert_equal(weights(plain), base)  # nothing happens at the node
     load(comfy, merged)
     assert_equal(weights(merged), fresh_merge(pack, base, [(loras["a"], 0.8)]))
-    assert list(plain.backup) == [rt.UNDO_ATTR]  # the shared dict ComfyUI restores from
+    assert list(plain.backup) == [lc.UNDO_ATTR]  # the shared dict ComfyUI restores from
     load(comfy, plain)
     assert_equal(weights(plain), base)
-    assert rt.record_of(plain.model) is None
+    assert lc.record_of(plain.model) is None
     load(comfy, merged)  # and back again: merged from scratch, in place
     assert_equal(weights(merged), fresh_merge(pack, base, [(loras["a"], 0.8)]))
 
@@ -188,10 +194,10 @@ def test_free_and_unload_restore_base(comfy, rt, plain, base, loras):
     assert_equal(weights(plain), base)
 
 
-def test_strength_change_is_one_pass_in_place(comfy, pack, rt, plain, base, loras, monkeypatch):
+def test_strength_change_is_one_pass_in_place(lc, comfy, pack, rt, plain, base, loras, monkeypatch):
     undos = []
-    real_undo = rt.undo
-    monkeypatch.setattr(rt, "undo", lambda model: (undos.append(model), real_undo(model)))
+    real_undo = lc.undo
+    monkeypatch.setattr(lc, "undo", lambda model: (undos.append(model), real_undo(model)))
     m1 = rt.attach_plan(plain, [entry(rt, loras["a"], 1.0)])
     m2 = rt.attach_plan(plain, [entry(rt, loras["a"], 0.25)])
     m3 = rt.attach_plan(plain, [entry(rt, loras["b"], -0.5), entry(rt, loras["dora"], 0.7)])
@@ -205,7 +211,7 @@ def test_strength_change_is_one_pass_in_place(comfy, pack, rt, plain, base, lora
         load(comfy, patcher)
         assert_equal(weights(patcher), fresh_merge(pack, base, stack))
         assert plain.model.current_weight_patches_uuid == patcher.patches_uuid
-        assert rt.record_of(plain.model).owner == patcher.patches_uuid
+        assert lc.record_of(plain.model).owner == patcher.patches_uuid
     assert undos == [], "a strength change went through ComfyUI's unpatch instead of the one-pass switch"
     assert params == {k: id(p) for k, p in plain.model.diffusion_model.named_parameters()}  # same Parameters
     load(comfy, plain)
@@ -257,7 +263,7 @@ def _lora_delta(pack, base, stack) -> dict:
 
 
 @pytest.mark.parametrize("order", ["core_then_ours", "ours_then_core"])
-def test_core_lora_patches_and_ours_share_the_model(comfy, pack, rt, plain, base, loras, order):
+def test_core_lora_patches_and_ours_share_the_model(lc, comfy, pack, rt, plain, base, loras, order):
     keys = ["double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear2.weight", "img_in.weight"]
     if order == "core_then_ours":
         core, core_delta = _core_lora(plain, keys)
@@ -265,10 +271,10 @@ def test_core_lora_patches_and_ours_share_the_model(comfy, pack, rt, plain, base
     else:
         ours = rt.attach_plan(plain, [entry(rt, loras["a"], 1.0)])
         both, core_delta = _core_lora(ours, keys)
-        assert isinstance(both, rt._MergingPatcherMixin)  # clone() keeps the class and the plan
+        assert isinstance(both, lc.MergingPatcherMixin)  # clone() keeps the class and the plan
     load(comfy, both)
     _close_to(weights(both), base, _lora_delta(pack, base, [(loras["a"], 1.0)]), core_delta)
-    assert list(plain.backup)[-1] == rt.UNDO_ATTR  # ours is restored after core's own entries
+    assert list(plain.backup)[-1] == lc.UNDO_ATTR  # ours is restored after core's own entries
     load(comfy, plain)
     assert_equal(weights(plain), base)
     ours_only = rt.attach_plan(plain, [entry(rt, loras["a"], 1.0)])
@@ -292,7 +298,7 @@ def _effective(comfy, patcher) -> dict[str, torch.Tensor]:
     return out
 
 
-def test_lowvram_partial_load_and_partial_unload_keep_the_merge(comfy, pack, rt, plain, base, loras):
+def test_lowvram_partial_load_and_partial_unload_keep_the_merge(lc, comfy, pack, rt, plain, base, loras):
     """ComfyUI's lowvram path: some modules 'stay offloaded' with LowVramPatch for core patches; ours is in place."""
     keys = ["double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight", "txt_in.weight"]
     core, core_delta = _core_lora(plain, keys)
@@ -306,7 +312,7 @@ def test_lowvram_partial_load_and_partial_unload_keep_the_merge(comfy, pack, rt,
     _close_to(_effective(comfy, both), base, ours_delta, core_delta)
     both.unpatch_model(torch.device("cpu"))
     assert_equal(weights(plain), base)
-    assert rt.record_of(plain.model) is None
+    assert lc.record_of(plain.model) is None
 
 
 # --------------------------------------------------------------------------------------------- interrupt
@@ -325,14 +331,14 @@ def _interrupt_after(comfy, monkeypatch, calls: int) -> list:
     return seen
 
 
-def test_interrupt_during_merge_leaves_base(comfy, pack, rt, plain, base, loras, monkeypatch):
+def test_interrupt_during_merge_leaves_base(lc, comfy, pack, rt, plain, base, loras, monkeypatch):
     seen = _interrupt_after(comfy, monkeypatch, 3)
     merged = rt.attach_plan(plain, [entry(rt, loras["a"], 1.0), entry(rt, loras["b"], 1.0)])
     with pytest.raises(comfy.model_management.InterruptProcessingException):
         load(comfy, merged)
     assert len(seen) == 3 and seen[-1][0] < seen[-1][1]
     assert_equal(weights(plain), base)
-    assert rt.record_of(plain.model) is None and rt.UNDO_ATTR not in plain.backup
+    assert lc.record_of(plain.model) is None and lc.UNDO_ATTR not in plain.backup
     comfy.model_management.interrupt_current_processing(False)
     monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", None)
     load(comfy, merged)
