@@ -16,6 +16,7 @@ from .errors import LoRAFormatError, LoRAFormatWarning, LoRAOpsError, ModelMisma
 from .flux import FLUX_DEV, FLUX_SCHNELL, FluxShape, flux_weight_shapes
 from .formats import Coverage, LoRAFile, check_fits, load_lora
 from .merge import MergeOptions, MergeReport, MergeState, merge_loras, restore, terms_by_target
+from .resize import LayerResize, ResizeReport, resize_lora, unmerged_saving
 
 __version__ = "0.1.0"
 
@@ -27,6 +28,7 @@ __all__ = [
     "FLUX_SCHNELL",
     "Coverage",
     "FluxShape",
+    "LayerResize",
     "LoRAFile",
     "LoRAFormatError",
     "LoRAFormatWarning",
@@ -35,6 +37,7 @@ __all__ = [
     "MergeReport",
     "MergeState",
     "ModelMismatchError",
+    "ResizeReport",
     "UnsafeFileError",
     "block_counts",
     "blocks_touched",
@@ -43,7 +46,9 @@ __all__ = [
     "load_lora",
     "merge_loras",
     "parse_block_spec",
+    "resize_lora",
     "restore",
     "terms_by_target",
+    "unmerged_saving",
     "with_block_weights",
 ]

@@ -1,4 +1,4 @@
-"""`python -m lora_ops`: inspect LoRAs, merge them into Flux checkpoints, run the demo.
+"""`python -m lora_ops`: inspect LoRAs, merge them into Flux checkpoints, resize LoRAs, run the demo.
 
 Errors print one line on stderr and exit with code 2; no traceback, no output file.
 """
@@ -218,6 +218,25 @@ def _cast(args: argparse.Namespace) -> int:
                                    rounding=args.rounding, seed=args.seed, fp8_matmul=args.fp8_matmul)
     print(f"wrote {summary['out']}: {summary['fp8_tensors']} of {summary['tensors']} tensors in fp8 "
           f"(policy {summary['policy']}), {summary['bytes'] / 2**30:.2f} GiB in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _resize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("lora", help="LoRA .safetensors file (any supported format)")
+    p.add_argument("--out", required=True, help="output .safetensors (never the input)")
+    size = p.add_mutually_exclusive_group(required=True)
+    size.add_argument("--rank", type=int, help="cut every layer to this rank")
+    size.add_argument("--energy", type=float, help="per layer, keep this share of the singular-value energy (0.99)")
+    p.add_argument("--quiet", action="store_true", help="print only the summary line, not one line per layer")
+
+
+@command("resize", _resize_args)
+def _resize(args: argparse.Namespace) -> int:
+    from .resize import resize_lora
+
+    report = resize_lora(args.lora, args.out, rank=args.rank, energy=args.energy)
+    table = report.format_table()
+    print(table.splitlines()[-1 - len(report.notes)] if args.quiet else table)
     return 0
 
 
