@@ -4,6 +4,10 @@ An adapter covers `rows` x `cols` of its target weight, starting at `row_offset`
 as `qkv` and `linear1` take several adapters at different offsets). `add_delta(out, start, stop,
 coeff, base)` adds `coeff` times rows [start, stop) of its change into `out`; it never builds the
 whole-layer change. `scale` holds alpha/rank (or 1); `coeff` is the user's strength.
+
+Each kind that a file stores directly names its factor keys (`file_factors`) and builds itself
+from them (`from_file`, which checks they fit together); `FILE_KINDS` lists those kinds, so a new
+kind is one class here plus one entry there.
 """
 
 from __future__ import annotations
@@ -42,11 +46,26 @@ def _as_matrix(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _file_matrix(path: object, key: str, t: torch.Tensor) -> torch.Tensor:
+    """A factor read from a file as a matrix; a real convolution factor is refused with advice."""
+    m = _as_matrix(t)
+    if m.dim() != 2:
+        raise LoRAFormatError(
+            f"{path}: {key!r} has shape {tuple(t.shape)}; a Flux LoRA factor is a matrix (this looks like a "
+            "convolution LoRA for another model; Flux has no convolutions). Use a Flux LoRA."
+        )
+    return m
+
+
 class Adapter(ABC):
     """Base: factors on the CPU as read from the file; `on(device)` gives an fp32 copy for compute."""
 
     kind: ClassVar[str]
     needs_base: ClassVar[bool] = False
+    #: Key suffix in a LoRA file -> factor name, for kinds a file stores directly (see FILE_KINDS).
+    file_factors: ClassVar[dict[str, str]] = {}
+    #: Which tensor of its module the change goes to ("weight" or "bias").
+    target: ClassVar[str] = "weight"
 
     def __init__(self, source_keys: tuple[str, ...], scale: float, row_offset: int = 0) -> None:
         self.source_keys = source_keys
@@ -65,6 +84,16 @@ class Adapter(ABC):
     @abstractmethod
     def _with_factors(self, factors: dict[str, torch.Tensor]) -> Adapter:
         """Same adapter over other tensors (used to move/convert)."""
+
+    @classmethod
+    def from_file(
+        cls, path: object, module: str, factors: dict[str, torch.Tensor], names: dict[str, str], alpha: float | None
+    ) -> Adapter:
+        """Build from one module's factors as a file stores them (`names`: factor -> key, for errors).
+
+        Raises LoRAFormatError, naming the file and keys, when the factors are missing or do not fit.
+        """
+        raise NotImplementedError(f"{cls.__name__} is not read from files")
 
     def rows(self, b0: int, b1: int) -> torch.Tensor:
         """Rows [b0, b1) of the unscaled change, fp32 (kinds that compute by matmul override this)."""
@@ -120,10 +149,43 @@ class LoRA(Adapter):
     """ΔW = scale · up @ down (kohya lora_up/lora_down, PEFT lora_B/lora_A)."""
 
     kind = "lora"
+    file_factors: ClassVar[dict[str, str]] = {
+        "lora_down.weight": "down",
+        "lora_up.weight": "up",
+        "lora_A.weight": "down",
+        "lora_B.weight": "up",
+        "lora_A.default.weight": "down",
+        "lora_B.default.weight": "up",
+        "down.weight": "down",
+        "up.weight": "up",
+    }
 
     def __init__(self, up: torch.Tensor, down: torch.Tensor, **kw) -> None:
         super().__init__(**kw)
         self.up, self.down = _as_matrix(up), _as_matrix(down)
+
+    @classmethod
+    def from_file(cls, path, module, factors, names, alpha) -> LoRA:
+        keys = tuple(names[k] for k in factors)
+        if set(factors) != {"up", "down"}:
+            missing = {"up", "down"} - set(factors)
+            raise LoRAFormatError(
+                f"{path}: {keys[0]!r} has no matching {' / '.join(sorted(missing))} factor in the file "
+                f"(module {module!r}). {FIX_BROKEN}"
+            )
+        up, down = _file_matrix(path, names["up"], factors["up"]), _file_matrix(path, names["down"], factors["down"])
+        if up.shape[1] != down.shape[0]:
+            raise LoRAFormatError(
+                f"{path}: {names['up']!r} is {tuple(up.shape)} but {names['down']!r} is {tuple(down.shape)}; their "
+                f"ranks ({up.shape[1]} vs {down.shape[0]}) disagree. {FIX_BROKEN}"
+            )
+        rank = down.shape[0]
+        if rank == 0:
+            raise LoRAFormatError(
+                f"{path}: {names['down']!r} and {names['up']!r} have rank 0 (shapes {tuple(down.shape)}, "
+                f"{tuple(up.shape)}), so the LoRA changes nothing. {FIX_BROKEN}"
+            )
+        return cls(up, down, source_keys=keys, scale=(alpha / rank) if alpha is not None else 1.0)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -154,11 +216,38 @@ class LoHa(Adapter):
     """ΔW = scale · (w1a @ w1b) ⊙ (w2a @ w2b) (LyCORIS hada_*)."""
 
     kind = "loha"
+    file_factors: ClassVar[dict[str, str]] = {f"hada_{n}": n for n in ("w1_a", "w1_b", "w2_a", "w2_b", "t1", "t2")}
 
     def __init__(self, w1a, w1b, w2a, w2b, t1=None, t2=None, **kw) -> None:
         super().__init__(**kw)
         self.w1a, self.w1b, self.w2a, self.w2b = (_as_matrix(x) for x in (w1a, w1b, w2a, w2b))
         self.t1, self.t2 = t1, t2
+
+    @classmethod
+    def from_file(cls, path, module, factors, names, alpha) -> LoHa:
+        plain = ("w1_a", "w1_b", "w2_a", "w2_b")
+        rank = factors["w1_b"].shape[0] if "w1_b" in factors and factors["w1_b"].dim() else 0
+        if not set(plain) <= set(factors) or rank == 0:
+            raise LoRAFormatError(
+                f"{path}: LoHa module {module!r} lacks hada_w1_a/w1_b/w2_a/w2_b or has rank 0. {FIX_BROKEN}"
+            )
+        if "t1" not in factors and "t2" not in factors:
+            w1a, w1b, w2a, w2b = (_file_matrix(path, names[n], factors[n]) for n in plain)
+            if (
+                w1a.shape[1] != w1b.shape[0]
+                or w2a.shape[1] != w2b.shape[0]
+                or w1a.shape[0] != w2a.shape[0]
+                or (w1b.shape[1] != w2b.shape[1])
+            ):
+                shapes = ", ".join(f"{names[n]} {tuple(factors[n].shape)}" for n in plain)
+                raise LoRAFormatError(f"{path}: LoHa factors do not fit together ({shapes}). {FIX_BROKEN}")
+        return cls(
+            *(factors[n] for n in plain),
+            factors.get("t1"),
+            factors.get("t2"),
+            source_keys=tuple(names[k] for k in factors),
+            scale=(alpha / rank) if alpha is not None else 1.0,
+        )
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -176,18 +265,39 @@ class LoHa(Adapter):
 
     def _with_factors(self, f) -> LoHa:
         return LoHa(
-            f["w1a"], f["w1b"], f["w2a"], f["w2b"], f.get("t1"), f.get("t2"),
-            source_keys=self.source_keys, scale=self.scale, row_offset=self.row_offset,
+            f["w1a"],
+            f["w1b"],
+            f["w2a"],
+            f["w2b"],
+            f.get("t1"),
+            f.get("t2"),
+            source_keys=self.source_keys,
+            scale=self.scale,
+            row_offset=self.row_offset,
         )
 
     def rows(self, b0: int, b1: int) -> torch.Tensor:
         return _tucker(self.w1a, self.t1, self.w1b, b0, b1).mul_(_tucker(self.w2a, self.t2, self.w2b, b0, b1))
 
 
+def _lokr_side(factors: dict[str, torch.Tensor], side: str) -> tuple[torch.Tensor, int | None]:
+    """One Kronecker factor (fp32) from its full, low-rank or Tucker (w2 only) form, and its rank."""
+    f = {k: v.float() for k, v in factors.items() if k.startswith(side) or (side == "w2" and k == "t2")}
+    if side in f:
+        return f[side], None
+    a, b = f[f"{side}_a"], _as_matrix(f[f"{side}_b"])
+    if side == "w2" and "t2" in f:
+        return _tucker(a, f["t2"], b, 0, a.shape[1]), b.shape[0]
+    return _as_matrix(a) @ b, b.shape[0]
+
+
 class LoKr(Adapter):
     """ΔW = scale · kron(w1, w2), each factor full or low-rank (LyCORIS lokr_*)."""
 
     kind = "lokr"
+    file_factors: ClassVar[dict[str, str]] = {
+        f"lokr_{n}": n for n in ("w1", "w2", "w1_a", "w1_b", "w2_a", "w2_b", "t2")
+    }
 
     def __init__(self, w1: torch.Tensor, w2: torch.Tensor, low_rank: int | None = None, **kw) -> None:
         super().__init__(**kw)
@@ -195,25 +305,24 @@ class LoKr(Adapter):
         self.low_rank = low_rank
 
     @classmethod
-    def from_factors(cls, f: dict[str, torch.Tensor], alpha: float | None, **kw) -> LoKr:
-        """Build from the file's factors (w1 | w1_a,w1_b; w2 | w2_a,w2_b | w2_a,t2,w2_b).
-
-        scale = alpha/rank only when a factor is low-rank, else 1 (LyCORIS convention).
-        """
-        f = {k: v.float() for k, v in f.items()}
-        rank = None
-        if "w1" in f:
-            w1 = f["w1"]
-        else:
-            w1, rank = _as_matrix(f["w1_a"]) @ _as_matrix(f["w1_b"]), f["w1_b"].shape[0]
-        if "w2" in f:
-            w2 = f["w2"]
-        elif "t2" in f:
-            w2, rank = _tucker(f["w2_a"], f["t2"], _as_matrix(f["w2_b"]), 0, f["w2_a"].shape[1]), f["w2_b"].shape[0]
-        else:
-            w2, rank = _as_matrix(f["w2_a"]) @ _as_matrix(f["w2_b"]), f["w2_b"].shape[0]
+    def from_file(cls, path, module, factors, names, alpha) -> LoKr:
+        """w1 | w1_a,w1_b; w2 | w2_a,w2_b | w2_a,t2,w2_b. scale = alpha/rank only when a factor is
+        low-rank, else 1 (LyCORIS convention)."""
+        has_w1 = "w1" in factors or {"w1_a", "w1_b"} <= set(factors)
+        has_w2 = "w2" in factors or {"w2_a", "w2_b"} <= set(factors)
+        if not (has_w1 and has_w2):
+            raise LoRAFormatError(f"{path}: LoKr module {module!r} lacks its w1 or w2 factor. {FIX_BROKEN}")
+        for name, t in factors.items():
+            if t.dtype not in _FLOAT_DTYPES:
+                raise LoRAFormatError(f"{path}: LoKr factor {names[name]!r} has dtype {t.dtype}, not floating point")
+        try:
+            (w1, rank1), (w2, rank2) = _lokr_side(factors, "w1"), _lokr_side(factors, "w2")
+        except (RuntimeError, IndexError) as e:
+            shapes = ", ".join(f"{names[n]} {tuple(t.shape)}" for n, t in factors.items())
+            raise LoRAFormatError(f"{path}: LoKr factors do not fit together ({shapes}): {e}. {FIX_BROKEN}") from None
+        rank = rank2 if rank2 is not None else rank1
         scale = (alpha / rank) if (rank is not None and alpha is not None) else 1.0
-        return cls(w1, w2, low_rank=rank, scale=scale, **kw)
+        return cls(w1, w2, low_rank=rank, scale=scale, source_keys=tuple(names[k] for k in factors))
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -227,8 +336,9 @@ class LoKr(Adapter):
         return {"w1": self.w1, "w2": self.w2}
 
     def _with_factors(self, f) -> LoKr:
-        return LoKr(f["w1"], f["w2"], self.low_rank, source_keys=self.source_keys, scale=self.scale,
-                    row_offset=self.row_offset)
+        return LoKr(
+            f["w1"], f["w2"], self.low_rank, source_keys=self.source_keys, scale=self.scale, row_offset=self.row_offset
+        )
 
     def add_delta(self, out, start, stop, coeff, base=None) -> None:
         b = self.w2.shape[0]
@@ -245,10 +355,15 @@ class Diff(Adapter):
     """ΔW given in full (`.diff`, `.diff_b`, control-LoRA `lora_B.bias`)."""
 
     kind = "diff"
+    file_factors: ClassVar[dict[str, str]] = {"diff": "diff"}
 
     def __init__(self, diff: torch.Tensor, **kw) -> None:
         super().__init__(**kw)
         self.diff = diff if diff.dim() == 2 else diff.reshape(-1, 1)
+
+    @classmethod
+    def from_file(cls, path, module, factors, names, alpha) -> Diff:
+        return cls(factors["diff"], source_keys=tuple(names[k] for k in factors), scale=1.0)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -258,10 +373,17 @@ class Diff(Adapter):
         return {"diff": self.diff}
 
     def _with_factors(self, f) -> Diff:
-        return Diff(f["diff"], source_keys=self.source_keys, scale=self.scale, row_offset=self.row_offset)
+        return type(self)(f["diff"], source_keys=self.source_keys, scale=self.scale, row_offset=self.row_offset)
 
     def add_delta(self, out, start, stop, coeff, base=None) -> None:
         out.add_(self.diff[start:stop], alpha=coeff * self.scale)
+
+
+class BiasDiff(Diff):
+    """ΔB of a module's bias, given in full (`.diff_b`, control-LoRA `lora_B.bias`)."""
+
+    file_factors: ClassVar[dict[str, str]] = {"diff_b": "diff", "lora_B.bias": "diff"}
+    target = "bias"
 
 
 class SetWeight(Adapter):
@@ -345,3 +467,8 @@ class DoRA(Adapter):
             factor = self.magnitude[start:stop] / norm
         combined.mul_(factor).sub_(base)
         out.add_(combined, alpha=coeff)
+
+
+#: The kinds a LoRA file stores directly, each built by its `from_file` (DoRA wraps one of them;
+#: SetWeight comes from control-LoRA norm scales).
+FILE_KINDS: tuple[type[Adapter], ...] = (LoRA, LoHa, LoKr, Diff, BiasDiff)
