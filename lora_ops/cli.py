@@ -117,7 +117,7 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--blocks", action=_BlocksOfLastLoRA, metavar="SPEC",
                    help=f"per-block strengths of the --lora before it: {BLOCK_SPEC_GRAMMAR}")
     p.add_argument("--out", required=True, help="output .safetensors (never an input file)")
-    p.add_argument("--dtype", default="keep", help="keep | bf16 | fp16 | fp32 | fp8")
+    p.add_argument("--dtype", default="keep", help="keep | bf16 | fp16 | fp32 | fp8 (see --format)")
     p.add_argument("--policy", default="default", help="fp8 layer policy (with --dtype fp8): default | quality | all")
     _fp8_args(p)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda: where the merge math runs")
@@ -140,7 +140,8 @@ def _merge(args: argparse.Namespace) -> int:
         from .fp8 import merge_checkpoint_fp8
 
         summary = merge_checkpoint_fp8(args.model, stack, args.out, policy=args.policy, device=_device(args.device),
-                                       rounding=args.rounding, seed=args.seed, fp8_matmul=args.fp8_matmul)
+                                       rounding=args.rounding, seed=args.seed, fp8_matmul=args.fp8_matmul,
+                                       file_format=args.file_format)
     else:
         summary = merge_checkpoint(args.model, stack, args.out, dtype=args.dtype, device=_device(args.device))
     print(f"wrote {summary['out']}: {summary['merged']} of {summary['tensors']} tensors merged "
@@ -199,11 +200,15 @@ def _fp8_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for --rounding stochastic (mixed with each key name)")
     p.add_argument("--fp8-matmul", action="store_true",
                    help="mark the file so ComfyUI may run fp8 matmuls (activations cast to fp8 too)")
+    p.add_argument("--format", default="comfy_quant", choices=("comfy_quant", "scaled_fp8"), dest="file_format",
+                   help="fp8 file format: comfy_quant (default; per-layer weight_scale + _quantization_metadata, "
+                        "what ComfyUI 0.33 and later read natively) or scaled_fp8 (ComfyUI 0.3.x, e.g. 0.3.64, "
+                        "which reads comfy_quant files without their scales)")
 
 
 def _cast_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="Flux checkpoint (bf16/fp16/fp32, or fp8 to re-cast)")
-    p.add_argument("--out", required=True, help="output scaled-fp8 .safetensors (never the input)")
+    p.add_argument("--out", required=True, help="output fp8 .safetensors (never the input)")
     p.add_argument("--policy", default="default", help="default | quality | all (see lora_ops.fp8.BLOCK_PRESETS)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda: where the quantisation math runs")
     _fp8_args(p)
@@ -215,9 +220,11 @@ def _cast(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     summary = merge_checkpoint_fp8(args.model, [], args.out, policy=args.policy, device=_device(args.device),
-                                   rounding=args.rounding, seed=args.seed, fp8_matmul=args.fp8_matmul)
+                                   rounding=args.rounding, seed=args.seed, fp8_matmul=args.fp8_matmul,
+                                   file_format=args.file_format)
     print(f"wrote {summary['out']}: {summary['fp8_tensors']} of {summary['tensors']} tensors in fp8 "
-          f"(policy {summary['policy']}), {summary['bytes'] / 2**30:.2f} GiB in {time.perf_counter() - start:.1f} s")
+          f"(policy {summary['policy']}, {summary['format']} format), {summary['bytes'] / 2**30:.2f} GiB in "
+          f"{time.perf_counter() - start:.1f} s")
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,8 @@ INPUT_SCALE_SUFFIX = ".scale_input"
 NEW_SCALE_SUFFIX = ".weight_scale"
 NEW_QUANT_SUFFIX = ".comfy_quant"
 NEW_INPUT_SCALE_SUFFIX = ".input_scale"
+#: the safetensors header entry of comfy_quant files listing each quantized layer and its format
+QUANT_METADATA = "_quantization_metadata"
 
 
 @dataclass
@@ -68,10 +71,54 @@ def scale_table(dtypes: Mapping[str, torch.dtype], path: object = None) -> Scale
     if kind in ("scaled_fp8", "comfy_quant") and missing:
         raise FP8FormatError(
             f"{where}{len(missing)} fp8 weight(s) of this scaled-fp8 checkpoint have no scale (e.g. {missing[0]!r} "
-            f"has no {missing[0][:-len('.weight')] + SCALE_SUFFIX!r}); the file is incomplete or was edited. "
+            f"has no {missing[0][:-len('.weight')] + (NEW_SCALE_SUFFIX if has_new else SCALE_SUFFIX)!r}); the file "
+            "is incomplete or was edited. "
             "Re-export it, or cast the original bf16 model again."
         )
     return ScaleTable(kind, marker, None, scale_keys, unscaled, aux)
+
+
+#: comfy_quant layouts that are one fp8 payload with one scale per tensor (the ones this pack reads and merges)
+PER_TENSOR_FP8_FORMATS = ("float8_e4m3fn", "float8_e5m2")
+
+
+def comfy_quant_layer(fp8_matmul: bool = False) -> dict[str, object]:
+    """The layout entry of one float8_e4m3fn layer, as ComfyUI translates a scaled_fp8 file with the same marker
+    (without fp8 matmuls ComfyUI dequantises the weight and multiplies in the compute dtype)."""
+    conf: dict[str, object] = {"format": "float8_e4m3fn"}
+    if not fp8_matmul:
+        conf["full_precision_matrix_mult"] = True
+    return conf
+
+
+def comfy_quant_tensor(conf: Mapping[str, object]) -> torch.Tensor:
+    """A layer's `comfy_quant` entry: its layout JSON as uint8 bytes (ComfyUI's own encoding)."""
+    return torch.tensor(list(json.dumps(dict(conf)).encode("utf-8")), dtype=torch.uint8)
+
+
+def comfy_quant_layers(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> dict[str, dict]:
+    """Layer name → its comfy_quant entry (`format`, …), from the `_quantization_metadata` header and the
+    per-layer `<layer>.comfy_quant` tensors (JSON bytes)."""
+    out: dict[str, dict] = {}
+    header = metadata.get(QUANT_METADATA)
+    if header:
+        out.update(json.loads(header).get("layers", {}))
+    for key, t in tensors.items():
+        if key.endswith(NEW_QUANT_SUFFIX):
+            out[key[: -len(NEW_QUANT_SUFFIX)]] = json.loads(bytes(t.to(torch.uint8).tolist()).decode("utf-8"))
+    return out
+
+
+def refuse_other_layouts(layers: Mapping[str, dict], path: object = None) -> None:
+    """Raise FP8FormatError naming the first layer whose layout is not per-tensor fp8 (nvfp4, mxfp8, int8, …)."""
+    other = {name: str(c.get("format")) for name, c in layers.items() if c.get("format") not in PER_TENSOR_FP8_FORMATS}
+    if other:
+        layer, fmt = next(iter(other.items()))
+        where = f"{path}: " if path is not None else ""
+        raise FP8FormatError(
+            f"{where}layer {layer!r} is stored as {fmt} ({len(other)} such layer(s)); this pack reads and merges "
+            f"per-tensor fp8 only ({', '.join(PER_TENSOR_FP8_FORMATS)}). Use the bf16 model instead."
+        )
 
 
 @dataclass
@@ -105,7 +152,7 @@ def load_fp8_state_dict(source: str | Path | Mapping[str, torch.Tensor], *, devi
     """Read our scaled-fp8 files, ComfyUI's scaled-fp8 files (legacy and `comfy_quant`), plain fp8 or 16-bit files.
 
     Raises FP8FormatError when a scaled checkpoint's fp8 weight has no scale, or a scale is zero, negative,
-    NaN or Inf. Nothing is changed on disk.
+    NaN or Inf, or a comfy_quant layer has another layout (nvfp4, mxfp8, int8, …). Nothing is changed on disk.
     """
     path = None
     metadata: dict[str, str] = {}
@@ -120,6 +167,8 @@ def load_fp8_state_dict(source: str | Path | Mapping[str, torch.Tensor], *, devi
         raw = dict(source)
         dtypes = {k: v.dtype for k, v in raw.items()}
         table = scale_table(dtypes)
+    layers = comfy_quant_layers(raw, metadata)
+    refuse_other_layouts(layers, path)
     tensors = {k: v.to(device) for k, v in raw.items() if k not in table.aux}
     scales: dict[str, torch.Tensor] = {}
     for wkey, skey in table.scale_keys.items():
@@ -130,7 +179,10 @@ def load_fp8_state_dict(source: str | Path | Mapping[str, torch.Tensor], *, devi
     fp8_matmul = None
     if table.marker is not None:
         fp8_matmul = raw[table.marker].numel() != 2
-    return FP8Checkpoint(tensors, scales, table.kind, fp8_matmul, inputs, metadata)
+    elif layers:
+        fp8_matmul = not any(c.get("full_precision_matrix_mult") for c in layers.values())
+    kind = "comfy_quant" if layers and table.marker is None else table.kind
+    return FP8Checkpoint(tensors, scales, kind, fp8_matmul, inputs, metadata)
 
 
 def dequantize_state_dict(source, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:

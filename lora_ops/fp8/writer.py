@@ -1,4 +1,13 @@
-"""Writing scaled-fp8 checkpoints: plan each output tensor, convert one source tensor at a time, stream the file."""
+"""Writing fp8 checkpoints: plan each output tensor, convert one source tensor at a time, stream the file.
+
+Two file formats, the same fp8 bits and scales:
+- `comfy_quant` (default): what ComfyUI reads natively since it has quantized tensors (0.33 and later): per layer
+  `<layer>.weight` (float8_e4m3fn), `<layer>.weight_scale` (fp32) and `<layer>.comfy_quant` (its layout as
+  JSON bytes), plus the `_quantization_metadata` header listing the layers. ComfyUI 0.3.64 does not know this
+  form and would read the fp8 weights without their scales.
+- `scaled_fp8`: ComfyUI 0.3.x's form, a `scaled_fp8` marker tensor and `<layer>.scale_weight`; later ComfyUI
+  versions translate it on load.
+"""
 
 from __future__ import annotations
 
@@ -16,10 +25,29 @@ from ..formats import LoRAFile, check_fits
 from ..merge import terms_by_target
 from ..model_files import open_flux_checkpoint, refuse_overwriting_inputs
 from ..safetensors_io import StreamingWriter
-from .checkpoint import MARKER, SCALE_SUFFIX, ScaleTable, scale_table
+from .checkpoint import (
+    MARKER,
+    NEW_QUANT_SUFFIX,
+    NEW_SCALE_SUFFIX,
+    QUANT_METADATA,
+    SCALE_SUFFIX,
+    ScaleTable,
+    comfy_quant_layer,
+    comfy_quant_tensor,
+    scale_table,
+)
 from .merged_rows import Term, merge_rows_to, quantize_merged
 from .policies import FP8Policy, get_policy
 from .quantize import E4M3, SCALE_MODES, check_rounding, check_scale, is_fp8
+
+FILE_FORMATS = ("comfy_quant", "scaled_fp8")
+
+
+def check_file_format(file_format: str) -> None:
+    if file_format not in FILE_FORMATS:
+        raise LoRAOpsError(
+            f"fp8 file format {file_format!r}: use comfy_quant (ComfyUI 0.33 and later) or scaled_fp8 (ComfyUI 0.3.x)"
+        )
 
 
 def _prefix_of(keys: Iterable[str]) -> str:
@@ -46,6 +74,7 @@ class FP8Conversion:
     tile_bytes: int | None = None
     device: torch.device | str | None = None
     prefix: str = ""
+    file_format: str = "comfy_quant"
 
     def is_fp8_output(self, key: str) -> bool:
         dtype, shape = self.source[key]
@@ -58,20 +87,36 @@ class FP8Conversion:
             return self.other_dtype
         return dtype
 
+    def layer_extras(self, key: str) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        """(key, dtype, shape) of the tensors written after an fp8 weight: its scale (+ its comfy_quant entry)."""
+        layer = key[: -len(".weight")]
+        if self.file_format == "scaled_fp8":
+            return [(layer + SCALE_SUFFIX, torch.float32, ())]
+        size = comfy_quant_tensor(comfy_quant_layer(self.fp8_matmul)).numel()
+        return [(layer + NEW_SCALE_SUFFIX, torch.float32, ()), (layer + NEW_QUANT_SUFFIX, torch.uint8, (size,))]
+
     def plan(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
         """(key, dtype, shape) of every output tensor, in writing order (for StreamingWriter)."""
-        out: list[tuple[str, torch.dtype, tuple[int, ...]]] = [
-            (self.prefix + MARKER, E4M3, (0,) if self.fp8_matmul else (2,))
-        ]
+        out = [(k, t.dtype, tuple(t.shape)) for k, t in self.leading()]
         for key, (_, shape) in self.source.items():
             if key in self.table.aux:
                 continue
             if self.is_fp8_output(key):
                 out.append((key, E4M3, shape))
-                out.append((key[: -len(".weight")] + SCALE_SUFFIX, torch.float32, ()))
+                out.extend(self.layer_extras(key))
             else:
                 out.append((key, self.out_dtype(key), shape))
         return out
+
+    def header(self, source_metadata: Mapping[str, str]) -> dict[str, str]:
+        """The file's metadata: the source's, with the layer list of a comfy_quant file (a stale one dropped)."""
+        meta = {k: v for k, v in source_metadata.items() if k != QUANT_METADATA}
+        if self.file_format == "comfy_quant":
+            conf = comfy_quant_layer(self.fp8_matmul)
+            layers = {k[: -len(".weight")]: conf for k in self.source if k not in self.table.aux and
+                      self.is_fp8_output(k)}
+            meta[QUANT_METADATA] = json.dumps({"format_version": "1.0", "layers": layers})
+        return meta
 
     def convert(self, key: str, tensor: torch.Tensor, get: Callable[[str], torch.Tensor]
                 ) -> list[tuple[str, torch.Tensor]]:
@@ -86,8 +131,11 @@ class FP8Conversion:
             q, s = quantize_merged(tensor, terms, key=key, rounding=self.rounding, seed=self.seed,
                                    scale_mode=self.scale_mode, weight_scale=in_scale, tile_bytes=self.tile_bytes,
                                    device=self.device)
-            return [(key, q.cpu() if self.device is not None else q),
-                    (key[: -len(".weight")] + SCALE_SUFFIX, s)]
+            extras = self.layer_extras(key)
+            out = [(key, q.cpu() if self.device is not None else q), (extras[0][0], s)]
+            if len(extras) > 1:
+                out.append((extras[1][0], comfy_quant_tensor(comfy_quant_layer(self.fp8_matmul))))
+            return out
         dtype = self.out_dtype(key)
         if not terms and in_scale is None and tensor.dtype == dtype:
             return [(key, tensor)]
@@ -97,12 +145,15 @@ class FP8Conversion:
                                device=self.device)
         return [(key, merged.cpu() if self.device is not None else merged)]
 
-    def marker(self) -> torch.Tensor:
-        return torch.zeros((0,) if self.fp8_matmul else (2,), dtype=E4M3)
+    def leading(self) -> list[tuple[str, torch.Tensor]]:
+        """Tensors written before the model's: a scaled_fp8 file's marker (2 elements: no fp8 matmuls)."""
+        if self.file_format != "scaled_fp8":
+            return []
+        return [(self.prefix + MARKER, torch.zeros((0,) if self.fp8_matmul else (2,), dtype=E4M3))]
 
     def iter_tensors(self, get: Callable[[str], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (key, tensor) in `plan()` order, reading one source tensor at a time through `get`."""
-        yield self.prefix + MARKER, self.marker()
+        yield from self.leading()
         for key in self.source:
             if key in self.table.aux:
                 continue
@@ -122,13 +173,16 @@ def fp8_conversion(
     tile_bytes: int | None = None,
     device: torch.device | str | None = None,
     path: object = None,
+    file_format: str = "comfy_quant",
 ) -> FP8Conversion:
-    """Plan a conversion of a checkpoint with `source` = {key: (dtype, shape)} (+ LoRAs) to scaled fp8.
+    """Plan a conversion of a checkpoint with `source` = {key: (dtype, shape)} (+ LoRAs) to scaled fp8, written
+    in `file_format` ("comfy_quant" or "scaled_fp8", see the module docstring).
 
-    Checks up front (raising before anything is written): the policy and rounding names, that every LoRA fits
-    the model, that LoRA factors are finite, and that a scaled source has a scale for every fp8 weight.
+    Checks up front (raising before anything is written): the policy, rounding and format names, that every LoRA
+    fits the model, that LoRA factors are finite, and that a scaled source has a scale for every fp8 weight.
     """
     check_rounding(rounding)
+    check_file_format(file_format)
     if scale_mode not in SCALE_MODES:
         raise LoRAOpsError(f"scale mode {scale_mode!r}: use one of {SCALE_MODES}")
     pol = get_policy(policy)
@@ -146,7 +200,7 @@ def fp8_conversion(
             if not math.isfinite(coeff):
                 raise LoRAFormatError(f"strength {coeff} for {name!r} is not a finite number")
     return FP8Conversion(source, pol, table, terms, other_dtype, fp8_matmul, rounding, seed, scale_mode, tile_bytes,
-                         device, _prefix_of(k for k in source if k not in table.aux))
+                         device, _prefix_of(k for k in source if k not in table.aux), file_format)
 
 
 def merge_to_fp8(
@@ -155,7 +209,8 @@ def merge_to_fp8(
     policy: str | FP8Policy = "default",
     **kw,
 ) -> dict[str, torch.Tensor]:
-    """bf16 (or fp8) Flux state dict + LoRAs → a new scaled-fp8 state dict, one tensor at a time.
+    """bf16 (or fp8) Flux state dict + LoRAs → a new scaled-fp8 state dict, one tensor at a time (`file_format=`
+    names the keys, see the module docstring; the comfy_quant header itself exists only in files).
 
     Each fp8 tensor gets a fresh scale from base + every LoRA's change, rounded once (`rounding=` "nearest"
     or "stochastic"; `seed=`). Tensors the policy keeps are merged in fp32 and stored in their 16-bit dtype;
@@ -178,19 +233,22 @@ def merge_checkpoint_fp8(
     fp8_matmul: bool = False,
     device: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    file_format: str = "comfy_quant",
 ) -> dict[str, object]:
-    """The CLI's `merge --dtype fp8` and `cast` (no LoRAs): a Flux checkpoint (+ LoRAs) → a scaled-fp8 file.
+    """The CLI's `merge --dtype fp8` and `cast` (no LoRAs): a Flux checkpoint (+ LoRAs) → a scaled-fp8 file in
+    `file_format` ("comfy_quant" for ComfyUI 0.33 and later, "scaled_fp8" for ComfyUI 0.3.x).
 
-    The source may be bf16/fp16/fp32, scaled fp8 or plain fp8. Returns a summary (counts and bytes).
+    The source may be bf16/fp16/fp32, scaled fp8 (either form) or plain fp8. Returns a summary (counts and bytes).
     """
     out_path = Path(out_path)
     pol = get_policy(policy)
     refuse_overwriting_inputs(out_path, [Path(model_path), *(lora.path for lora, _ in loras)])
     model = open_flux_checkpoint(model_path)
     conv = fp8_conversion({k: (model.dtype(k), model.shape(k)) for k in model.keys()}, loras, pol,
-                          rounding=rounding, seed=seed, fp8_matmul=fp8_matmul, device=device, path=model_path)
+                          rounding=rounding, seed=seed, fp8_matmul=fp8_matmul, device=device, path=model_path,
+                          file_format=file_format)
     plan = conv.plan()
-    meta = dict(model.metadata)
+    meta = conv.header(model.metadata)
     meta["lora_ops.fp8"] = f"policy={pol.name} rounding={rounding} seed={seed} scale={conv.scale_mode}"
     if loras:
         meta["lora_ops.merged"] = json.dumps(
@@ -199,7 +257,8 @@ def merge_checkpoint_fp8(
     sources = [k for k in conv.source if k not in conv.table.aux]
     done = 0
     with StreamingWriter(out_path, plan, meta) as out:
-        out.write(conv.prefix + MARKER, conv.marker())
+        for key, tensor in conv.leading():
+            out.write(key, tensor)
         for key in sources:
             for out_key, tensor in conv.convert(key, model.get(key), model.get):
                 out.write(out_key, tensor)
@@ -210,6 +269,6 @@ def merge_checkpoint_fp8(
     fp8_count = sum(1 for k in sources if conv.is_fp8_output(k))
     nbytes = sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size() for _, dtype, shape in plan)
     return {"out": str(out_path), "tensors": len(sources), "merged": merged, "dtype": "fp8", "policy": pol.name,
-            "fp8_tensors": fp8_count, "bytes": nbytes}
+            "fp8_tensors": fp8_count, "bytes": nbytes, "format": file_format}
 
 

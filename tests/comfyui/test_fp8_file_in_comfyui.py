@@ -25,7 +25,7 @@ def test_comfyui_loads_our_fp8_file_as_scaled_fp8(comfyui_root, flux_tiny_checkp
 
     lora = load_lora(write_kohya_lora(tmp_path / "lora.safetensors", FluxShape(depth=1, depth_single=1), rank=8))
     out = tmp_path / "flux_fp8.safetensors"
-    fp8.merge_checkpoint_fp8(flux_tiny_checkpoint, [(lora, 1.0)], out, policy="all")
+    fp8.merge_checkpoint_fp8(flux_tiny_checkpoint, [(lora, 1.0)], out, policy="all", file_format="scaled_fp8")
     written = load_file(str(out))
     assert "scaled_fp8" in written
     env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -43,10 +43,11 @@ def test_load_comfyui_style_plain_and_new_formats():
     assert torch.equal(deq[p + "x.weight"], q.float() * s)
 
 
+@pytest.mark.parametrize("file_format", fp8.FILE_FORMATS)
 @pytest.mark.parametrize("bad", ["missing", 0.0, -1.0, float("nan"), float("inf")])
-def test_missing_or_bad_scale_is_a_clear_error(base, lora, bad):
-    out = fp8.merge_to_fp8(base, [], "default")
-    skey = QKV[: -len(".weight")] + ".scale_weight"
+def test_missing_or_bad_scale_is_a_clear_error(base, lora, bad, file_format):
+    out = fp8.merge_to_fp8(base, [], "default", file_format=file_format)
+    skey = QKV[: -len(".weight")] + (".weight_scale" if file_format == "comfy_quant" else ".scale_weight")
     if bad == "missing":
         del out[skey]
     else:
@@ -68,3 +69,21 @@ def test_missing_or_bad_scale_is_a_clear_error(base, lora, bad):
     with pytest.raises(fp8.FP8FormatError, match="scale"):
         fp8.merge_loras_fp8(out, [(lora, 1.0)])
     assert_same_bits(before, snapshot(out))
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp8", "int8_tensorwise"])
+def test_comfy_quant_layers_of_other_layouts_are_refused_by_name(base, fmt, tmp_path):
+    """A comfy_quant file with one nvfp4 / mxfp8 / int8 layer: a clear error naming that layer and its layout."""
+    from safetensors.torch import save_file
+
+    sd = fp8.merge_to_fp8(base, [], "default")
+    layer = QKV[: -len(".weight")]
+    sd[layer + ".comfy_quant"] = fp8.comfy_quant_tensor({"format": fmt})
+    with pytest.raises(fp8.FP8FormatError, match=f"{layer}.*{fmt}"):
+        fp8.load_fp8_state_dict(sd)
+    # the same layer named only in the file header
+    del sd[layer + ".comfy_quant"]
+    header = {"format_version": "1.0", "layers": {layer: {"format": fmt}}}
+    save_file(sd, str(tmp_path / "q.safetensors"), metadata={fp8.QUANT_METADATA: json.dumps(header)})
+    with pytest.raises(fp8.FP8FormatError, match=f"{layer}.*{fmt}"):
+        fp8.load_fp8_state_dict(tmp_path / "q.safetensors")

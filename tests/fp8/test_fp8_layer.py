@@ -43,7 +43,7 @@ def test_fp8_linear_forward_and_comfy_protocol():
 def test_cast_module_by_policy_matches_merge_to_fp8(base):
     module = flux_module(base)
     report = fp8.cast_module_fp8(module, "quality")
-    expected = fp8.merge_to_fp8(base, [], "quality")
+    expected = fp8.merge_to_fp8(base, [], "quality", file_format="scaled_fp8")
     assert sorted(report.converted) == sorted(k for k, v in expected.items() if v.dtype == E4M3 and v.dim() == 2)
     layer = module.get_submodule("diffusion_model.double_blocks.0.img_attn.qkv")
     assert isinstance(layer, fp8.FP8Linear)
@@ -88,7 +88,8 @@ def test_slot_empty_fill_release(base, lora):
     bias_terms = [(Diff(bias_diff, source_keys=("test.diff_b",), scale=1.0), 0.5)]
     terms = terms_by_target([(lora, 0.8)])
     slot.fill(weight, bias, terms=terms[QKV], bias_terms=bias_terms, name=name, rounding="stochastic", seed=3)
-    expected = fp8.merge_to_fp8({QKV: weight}, [(lora.only({QKV}), 0.8)], "default", rounding="stochastic", seed=3)
+    expected = fp8.merge_to_fp8({QKV: weight}, [(lora.only({QKV}), 0.8)], "default", rounding="stochastic", seed=3,
+                                 file_format="scaled_fp8")
     assert not slot.is_empty and slot.out_features == weight.shape[0]
     assert torch.equal(bits(slot.weight), bits(expected[QKV]))
     assert torch.equal(slot.scale_weight, expected[name + ".scale_weight"])

@@ -25,7 +25,7 @@ from lora_ops.merge import merge_loras
 
 def test_merge_to_fp8_matches_fp32_reference(base, lora, lora2):
     stack = [(lora, 1.0), (lora2, -0.6)]
-    out = fp8.merge_to_fp8(base, stack, "default")
+    out = fp8.merge_to_fp8(base, stack, "default", file_format="scaled_fp8")
     ref = fp32_reference(base, stack)
     ck = fp8.load_fp8_state_dict(out)
     assert ck.kind == "scaled_fp8" and ck.fp8_matmul is False
