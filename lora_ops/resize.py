@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
-from .adapters import Adapter
+from .adapters import Adapter, BiasDiff
 from .errors import LoRAOpsError
-from .formats import SUFFIXES, UNMERGED_BYTES_PER_PARAM, LoRAFile, _split_key, load_lora
+from .formats import UNMERGED_BYTES_PER_PARAM, LoRAFile, load_lora
+from .formats.factor_keys import SUFFIXES, split_key
 from .model_files import refuse_overwriting_inputs
 from .safetensors_io import SafetensorsFile, StreamingWriter
 
@@ -150,8 +151,8 @@ def _by_family(keys: tuple[str, ...], raw: dict[str, torch.Tensor]) -> dict[str,
     """factor name (down, up, w1, diff, ..., and the module's alpha) → key, for the weight factors of one module."""
     out = {}
     for key in keys:
-        split = _split_key(key)
-        if split is not None and split[1] in SUFFIXES and SUFFIXES[split[1]][0] != "bias":
+        split = split_key(key)
+        if split is not None and split[1] in SUFFIXES and SUFFIXES[split[1]][0] is not BiasDiff:
             out[SUFFIXES[split[1]][1]] = key
             if f"{split[0]}.alpha" in raw:
                 out["alpha"] = f"{split[0]}.alpha"
@@ -178,7 +179,7 @@ def _resize_lora(keys, adapters, raw, rank, energy) -> tuple[dict[str, torch.Ten
     rows, cols = up2.shape[0], down2.shape[1]
     saved = (rows + cols) * (old_rank - k) * UNMERGED_BYTES_PER_PARAM
     error = _lowrank_error(up2, down2, new_up, new_down)
-    return out, LayerResize(_split_key(names["down"])[0], "lora", old_rank, k, error, saved)
+    return out, LayerResize(split_key(names["down"])[0], "lora", old_rank, k, error, saved)
 
 
 def _resize_dense(keys, adapter, raw, rank, energy) -> tuple[dict[str, torch.Tensor], LayerResize] | None:
@@ -195,7 +196,7 @@ def _resize_dense(keys, adapter, raw, rank, energy) -> tuple[dict[str, torch.Ten
         return None
     up, down = up.to(first.dtype), down.to(first.dtype)
     error = float(torch.linalg.matrix_norm(delta - up.float() @ down.float()) / torch.linalg.matrix_norm(delta))
-    module = _split_key(first_key)[0]
+    module = split_key(first_key)[0]
     alpha = torch.tensor(float(k))  # scale alpha/rank = 1: the factors carry the whole change
     out = {f"{module}.lora_down.weight": down, f"{module}.lora_up.weight": up, f"{module}.alpha": alpha}
     saved = (params - (delta.shape[0] + delta.shape[1]) * k) * UNMERGED_BYTES_PER_PARAM
