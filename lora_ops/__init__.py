@@ -9,6 +9,7 @@ from .blocks import (
     BlockWeights,
     block_counts,
     blocks_touched,
+    describe_blocks,
     parse_block_spec,
     with_block_weights,
 )
@@ -17,6 +18,7 @@ from .flux import FLUX_DEV, FLUX_SCHNELL, FluxShape, flux_weight_shapes
 from .formats import Coverage, LoRAFile, check_fits, load_lora
 from .merge import MergeOptions, MergeReport, MergeState, merge_loras, restore, terms_by_target
 from .resize import LayerResize, ResizeReport, resize_lora, unmerged_saving
+from .text_encoder import text_encoder_modules, text_encoder_tensors
 
 __version__ = "0.1.0"
 
@@ -41,6 +43,7 @@ __all__ = [
     "UnsafeFileError",
     "block_counts",
     "blocks_touched",
+    "describe_blocks",
     "check_fits",
     "flux_weight_shapes",
     "load_lora",
@@ -49,6 +52,8 @@ __all__ = [
     "resize_lora",
     "restore",
     "terms_by_target",
+    "text_encoder_modules",
+    "text_encoder_tensors",
     "unmerged_saving",
     "with_block_weights",
 ]

@@ -64,6 +64,11 @@ class BlockWeights:
         return values[index] if index < len(values) else self.other
 
     @property
+    def key(self) -> tuple:
+        """Hashable identity of the multipliers (for the nodes' plan token)."""
+        return (self.other, tuple(self.blocks.items()))
+
+    @property
     def is_identity(self) -> bool:
         return self.other == 1.0 and all(v == 1.0 for values in self.blocks.values() for v in values)
 

@@ -15,8 +15,9 @@ from typing import Any
 
 import folder_paths
 
+from ..lora_ops import BLOCK_SPEC_GRAMMAR, LoRAOpsError, describe_blocks, parse_block_spec
 from ..lora_ops.fp8 import PRESETS, ROUNDINGS
-from . import library, runtime, vram
+from . import library, runtime, text_encoder, vram
 
 CATEGORY = "Flux LoRA Ops"
 STACK_TYPE = "FLUX_LORA_STACK"
@@ -26,7 +27,7 @@ ANY_TYPE = "*"
 @dataclass(frozen=True)
 class In:
     name: str
-    type: str  # MODEL, FLOAT, INT, BOOLEAN, STRING, COMBO, FLUX_LORA_STACK, *
+    type: str  # MODEL, CLIP, FLOAT, INT, BOOLEAN, STRING, COMBO, FLUX_LORA_STACK, *
     tooltip: str
     optional: bool = False
     default: Any = None
@@ -39,7 +40,7 @@ class In:
 
 @dataclass(frozen=True)
 class Out:
-    type: str  # MODEL, STRING, IMAGE, FLUX_LORA_STACK, *
+    type: str  # MODEL, CLIP, STRING, IMAGE, FLUX_LORA_STACK, *
     name: str
     tooltip: str
 
@@ -76,28 +77,50 @@ def _lora_names() -> list[str]:
     return folder_paths.get_filename_list("loras")
 
 
-def _coverage_text(name: str, strength: float, lora, messages: tuple[str, ...]) -> str:
+def _coverage_text(name: str, strength: float, lora, messages: tuple[str, ...], blocks: str) -> str:
     ranks = ", ".join(f"rank {r} x{n}" for r, n in sorted(lora.ranks.items())) or "no low-rank factors"
     kinds = ", ".join(f"{k} x{n}" for k, n in sorted(lora.kinds().items()))
     lines = [
-        f"{name} @ strength {strength:g}",
+        f"{name} @ strength {strength:g}" + (f", block strengths: {blocks}" if blocks else ""),
         f"format: {lora.format}; {len(lora.targets)} Flux weights changed ({kinds}; {ranks}); "
         f"{lora.nbytes / 2**20:.1f} MiB of factors",
+        describe_blocks(lora),
         lora.coverage.summary(),
     ]
     lines.extend(f"warning: {m}" for m in messages)
     return "\n".join(lines)
 
 
-def run_load_lora(lora_name: str, strength: float = 1.0, lora_stack=None, legacy_split_qkv: bool = False) -> Result:
+#: Block counts large enough for any model: the Load node checks a spec's grammar; the Merge node checks its
+#: block numbers against the model it merges into.
+_ANY_MODEL = {"double": 10**6, "single": 10**6}
+
+
+def run_load_lora(
+    lora_name: str,
+    strength: float = 1.0,
+    lora_stack=None,
+    legacy_split_qkv: bool = False,
+    blocks: str = "",
+    clip=None,
+    strength_clip: float = 1.0,
+) -> Result:
     path = folder_paths.get_full_path_or_raise("loras", lora_name)
     lora, messages = library.load_cached(path, legacy_split_qkv=legacy_split_qkv)
-    entry = runtime.StackEntry(lora_name, float(strength), lora)
+    blocks = (blocks or "").strip()
+    try:
+        parse_block_spec(blocks, _ANY_MODEL)
+    except LoRAOpsError as error:
+        raise LoRAOpsError(f"{lora_name}: {error}") from None
+    entry = runtime.StackEntry(lora_name, float(strength), lora, block_spec=blocks)
     stack = LoRAStack((*(lora_stack or ()), entry))
-    text = _coverage_text(lora_name, float(strength), lora, messages)
+    text = _coverage_text(lora_name, float(strength), lora, messages, blocks)
+    clip_out, clip_text = text_encoder.apply_to_clip(clip, lora, float(strength_clip), lora_name)
+    if clip_text:
+        text += "\n" + clip_text
     if len(stack) > 1:
-        text = f"stack: {', '.join(f'{e.name} @ {e.strength:g}' for e in stack)}\n" + text
-    return Result((stack, text), text)
+        text = f"stack: {', '.join(e.describe() for e in stack)}\n" + text
+    return Result((stack, text, clip_out), text)
 
 
 LOAD_LORA = NodeDef(
@@ -134,10 +157,38 @@ LOAD_LORA = NodeDef(
             optional=True,
             default=False,
         ),
+        In(
+            "blocks",
+            "STRING",
+            "Per-block strengths of this LoRA (empty = every block at 1), multiplied with 'strength': "
+            + BLOCK_SPEC_GRAMMAR
+            + ". Block numbers are checked against the model at 'Merge LoRA Into Model' (Flux.1: double 0-18, "
+            "single 0-37). Changing it re-merges in place, like a strength change.",
+            optional=True,
+            default="",
+        ),
+        In(
+            "clip",
+            "CLIP",
+            "Optional: the text encoders (CLIP-L/T5). The LoRA's text-encoder keys (lora_te1_/lora_te2_...) are "
+            "applied to it through ComfyUI's own patching, as the core LoRA loader does.",
+            optional=True,
+        ),
+        In(
+            "strength_clip",
+            "FLOAT",
+            "How strongly the LoRA's text-encoder part changes the CLIP (only with a CLIP connected).",
+            optional=True,
+            default=1.0,
+            min=-10.0,
+            max=10.0,
+            step=0.01,
+        ),
     ),
     outputs=(
         Out(STACK_TYPE, "lora_stack", "The stack: earlier LoRAs plus this one, with strengths."),
         Out("STRING", "coverage", "Which weights the file changes, its format and ranks, and every unmapped key."),
+        Out("CLIP", "clip", "The CLIP with this LoRA's text-encoder part applied (the input if it has none)."),
     ),
     run=run_load_lora,
 )

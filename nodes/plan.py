@@ -7,12 +7,11 @@ BaseModel, so every clone sees what is merged into the weights they share.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
-from ..lora_ops import LoRAFile, MergeState
+from ..lora_ops import BlockWeights, LoRAFile, MergeState, with_block_weights
 
 #: Patcher attachment holding the wanted MergePlan.
 ATTACHMENT = "flux_lora_ops"
@@ -22,11 +21,31 @@ RECORD_ATTR = "flux_lora_ops_record"
 
 @dataclass(frozen=True, eq=False)
 class StackEntry:
-    """One LoRA of a FLUX_LORA_STACK: the parsed file and its strength."""
+    """One LoRA of a FLUX_LORA_STACK: the parsed file, its strength and its per-block strengths.
+
+    `block_spec` is the text from the node; `block_weights` is that spec read against the model's block counts
+    (set when the stack is attached to a MODEL; None = every block at 1).
+    """
 
     name: str
     strength: float
     lora: LoRAFile
+    block_spec: str = ""
+    block_weights: BlockWeights | None = None
+
+    def weighted(self) -> LoRAFile:
+        """The LoRA with its block multipliers (the same adapters, so strength/spec switches stay one pass)."""
+        return self.lora if self.block_weights is None else with_block_weights(self.lora, self.block_weights)
+
+    @property
+    def token(self) -> tuple:
+        # LoRAFile objects come from the pack's file cache; the record keeps them alive, so ids are stable.
+        blocks = None if self.block_weights is None or self.block_weights.is_identity else self.block_weights.key
+        return (id(self.lora), float(self.strength), blocks)
+
+    def describe(self) -> str:
+        spec = f" [blocks {self.block_spec}]" if self.block_weights is not None and self.block_spec else ""
+        return f"{self.name} @ {self.strength:g}{spec}"
 
 
 @dataclass(frozen=True, eq=False)
@@ -57,11 +76,12 @@ class MergePlan:
     fp8: FP8Step | None = None
 
     def pairs(self) -> list[tuple[LoRAFile, float]]:
-        return [(e.lora, float(e.strength)) for e in self.entries]
+        return [(e.weighted(), float(e.strength)) for e in self.entries]
 
     @property
     def token(self) -> tuple:
-        return (stack_token(self.pairs()), id(self.fp8) if self.fp8 is not None else None)
+        """Identity of what this plan merges: files, strengths, block multipliers, fp8 step."""
+        return (tuple(e.token for e in self.entries), id(self.fp8) if self.fp8 is not None else None)
 
     def fp8_keys(self) -> set[str]:
         """Weights (and biases) the fp8 step produces itself; the in-place merge leaves these alone."""
@@ -70,16 +90,10 @@ class MergePlan:
         return {f"{name}.{p}" for name, _ in self.fp8.slots for p in ("weight", "bias")}
 
     def describe(self) -> str:
-        parts = [", ".join(f"{e.name} @ {e.strength:g}" for e in self.entries)] if self.entries else []
+        parts = [", ".join(e.describe() for e in self.entries)] if self.entries else []
         if self.fp8 is not None:
             parts.append(self.fp8.describe())
         return "; ".join(parts) or "(nothing)"
-
-
-def stack_token(pairs: Iterable[tuple[LoRAFile, float]]) -> tuple:
-    """Identity of a stack: which parsed files at which strengths."""
-    # LoRAFile objects come from the pack's file cache; the record keeps them alive, so ids are stable.
-    return tuple((id(lora), float(s)) for lora, s in pairs)
 
 
 @dataclass(eq=False)

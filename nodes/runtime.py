@@ -9,8 +9,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 
+from ..lora_ops import LoRAOpsError, block_counts, parse_block_spec
 from .lifecycle import apply_plan
-from .model_view import check_model
+from .model_view import check_model, original_params
 from .plan import ATTACHMENT, FP8Step, MergePlan, StackEntry, record_of
 
 __all__ = ["ATTACHMENT", "StackEntry", "attach_fp8", "attach_plan", "describe_model_state"]
@@ -22,6 +23,7 @@ def attach_plan(model, entries: Iterable[StackEntry], compute: str = "auto", til
     if not entries:
         return model
     check_model(model, entries)
+    entries = with_model_block_weights(model, entries)
     previous = model.attachments.get(ATTACHMENT)
     plan = MergePlan(
         (previous.entries if previous is not None else ()) + entries,
@@ -30,6 +32,24 @@ def attach_plan(model, entries: Iterable[StackEntry], compute: str = "auto", til
         fp8=previous.fp8 if previous is not None else None,
     )
     return apply_plan(model, plan)
+
+
+def with_model_block_weights(model, entries: tuple[StackEntry, ...]) -> tuple[StackEntry, ...]:
+    """Read each entry's block spec against this model's block counts (an out-of-range block fails here)."""
+    if not any(e.block_spec for e in entries):
+        return entries
+    counts = block_counts(original_params(model))
+    out = []
+    for e in entries:
+        if not e.block_spec:
+            out.append(e)
+            continue
+        try:
+            weights = parse_block_spec(e.block_spec, counts)
+        except LoRAOpsError as error:
+            raise LoRAOpsError(f"{e.name}: {error}") from None
+        out.append(dataclasses.replace(e, block_weights=None if weights.is_identity else weights))
+    return tuple(out)
 
 
 def attach_fp8(model, policy: str = "default", rounding: str = "nearest", fp8_matmul: bool = False):

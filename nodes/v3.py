@@ -11,8 +11,15 @@ from .definitions import ANY_TYPE, CATEGORY, NODE_DEFS, STACK_TYPE, In, NodeDef,
 
 LoRAStackType = io.Custom(STACK_TYPE)
 
-_SIMPLE_INPUTS = {"MODEL": io.Model, STACK_TYPE: LoRAStackType, ANY_TYPE: io.AnyType}
-_OUTPUTS = {"MODEL": io.Model, "STRING": io.String, "IMAGE": io.Image, STACK_TYPE: LoRAStackType, ANY_TYPE: io.AnyType}
+_SIMPLE_INPUTS = {"MODEL": io.Model, "CLIP": io.Clip, STACK_TYPE: LoRAStackType, ANY_TYPE: io.AnyType}
+_OUTPUTS = {
+    "MODEL": io.Model,
+    "CLIP": io.Clip,
+    "STRING": io.String,
+    "IMAGE": io.Image,
+    STACK_TYPE: LoRAStackType,
+    ANY_TYPE: io.AnyType,
+}
 
 
 def _input(i: In):

@@ -441,7 +441,7 @@ def test_load_lora_node_caches_and_reports_unmapped_keys(pack, tmp_path, monkeyp
     monkeypatch.setattr(defs.folder_paths, "get_full_path_or_raise", lambda kind, name: str(tmp_path / name))
     lib.clear()
     first = defs.run_load_lora("with_junk.safetensors", 0.75)
-    stack, text = first.values
+    stack, text, _ = first.values
     assert [(e.name, e.strength) for e in stack] == [("with_junk.safetensors", 0.75)]
     assert "lora_unet_not_a_flux_layer.lora_down.weight" in text and "unmapped" in text
     assert first.text == text
@@ -473,7 +473,7 @@ def test_hostile_lora_through_the_nodes(comfy, pack, rt, plain, base, case, tmp_
     monkeypatch.setattr(defs.folder_paths, "get_full_path_or_raise", lambda kind, name: str(tmp_path / name))
     lib.clear()
     with pytest.raises(getattr(pack.lora_ops, case.error), match=re.compile(case.words, re.I)):
-        stack, _ = defs.run_load_lora(path.name, 1.0).values
+        stack, _, _ = defs.run_load_lora(path.name, 1.0).values
         load(comfy, rt.attach_plan(plain, list(stack)))
     assert path.read_bytes() == before
     load(comfy, plain)
