@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .formats import LoRAFile, _split_key
+from .formats import LoRAFile
+from .formats.factor_keys import split_key
 from .safetensors_io import SafetensorsFile
 
 
@@ -22,5 +23,5 @@ def text_encoder_tensors(lora: LoRAFile) -> dict[str, torch.Tensor]:
 
 def text_encoder_modules(lora: LoRAFile) -> list[str]:
     """Module names of the text-encoder keys (`lora_te1_text_model_encoder_layers_0_mlp_fc1`), in file order."""
-    modules = (_split_key(key) for key in lora.coverage.text_encoder_keys)
+    modules = (split_key(key) for key in lora.coverage.text_encoder_keys)
     return list(dict.fromkeys(split[0] for split in modules if split is not None))
