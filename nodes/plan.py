@@ -44,7 +44,7 @@ class StackEntry:
         return (id(self.lora), float(self.strength), blocks)
 
     def describe(self) -> str:
-        spec = f" [blocks {self.block_spec}]" if self.block_weights is not None and self.block_spec else ""
+        spec = f" [blocks {self.block_spec}]" if self.block_spec else ""
         return f"{self.name} @ {self.strength:g}{spec}"
 
 

@@ -551,7 +551,7 @@ def test_v3_registration_exposes_the_nodes(comfy_server):
         sig = _node_signature(info[name])
         assert sig["category"] == "Flux LoRA Ops" and sig["has_description"]
         assert all(tooltip for _, _, tooltip in sig["inputs"].values()), (name, sig)
-    assert info["LoadFluxLoRA"]["output"] == ["FLUX_LORA_STACK", "STRING"]
+    assert info["LoadFluxLoRA"]["output"] == ["FLUX_LORA_STACK", "STRING", "CLIP"]
     assert info["VRAMReport"]["output"] == ["*", "STRING", "IMAGE"] and info["VRAMReport"]["output_node"]
     assert info["MergeLoRAIntoModel"]["output"] == ["MODEL"]
     failed = [line for line in comfy_server.log_text().splitlines() if "IMPORT FAILED" in line]

@@ -29,7 +29,13 @@ from lora_ops.synthetic import kohya_lora_tensors
 EXAMPLES = REPO_ROOT / "example_workflows"
 UI_FILES = sorted(EXAMPLES.glob("*.json"))
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-EXPECTED = {"flux_big_lora_merged", "merged_then_fp8", "several_loras_stacked", "vram_report_before_after"}
+EXPECTED = {
+    "flux_big_lora_merged",
+    "lora_block_weights",
+    "merged_then_fp8",
+    "several_loras_stacked",
+    "vram_report_before_after",
+}
 
 
 def api_twin(ui_file: Path) -> Path:
@@ -163,6 +169,8 @@ def test_api_twin_runs(comfy_server, example_loras, ui_file):
         assert len(charts) == 2 and all(outputs[nid]["images"] for nid in charts)
     else:
         assert any("unmapped" in t and "Flux weights changed" in t for t in texts)
+    if ui_file.stem == "lora_block_weights":
+        assert any("[blocks style: late single blocks]" in t for t in texts), texts
     if ui_file.stem == "merged_then_fp8":
         cast = [nid for nid, n in prompt.items() if n["class_type"] == "CastFluxFP8"]
         assert "fp8 (default" in outputs[cast[0]]["text"][0]
