@@ -34,8 +34,15 @@ def _check_finite(tensor: torch.Tensor, source_finite: bool, key: str, loras, mo
         )
 
 
-def _blocks_entry(lora: LoRAFile) -> dict[str, str]:
-    return {"blocks": lora.block_spec} if lora.block_spec else {}
+def merged_stack_metadata(loras: Sequence[tuple[LoRAFile, float]]) -> str:
+    """The `lora_ops.merged` header entry of a merged file: each LoRA, its strength and its block spec."""
+    return json.dumps(
+        [
+            {"file": lora.path.name, "format": lora.format, "strength": s}
+            | ({"blocks": lora.block_spec} if lora.block_spec else {})
+            for lora, s in loras
+        ]
+    )
 
 
 def merge_checkpoint(
@@ -68,9 +75,7 @@ def merge_checkpoint(
 
     plan = [(key, stored_dtype(key), model.shape(key)) for key in model.keys()]
     metadata = dict(model.metadata)
-    metadata["lora_ops.merged"] = json.dumps(
-        [{"file": lora.path.name, "format": lora.format, "strength": s, **_blocks_entry(lora)} for lora, s in loras]
-    )
+    metadata["lora_ops.merged"] = merged_stack_metadata(loras)
     if out_dtype is not None:
         metadata["lora_ops.dtype"] = dtype
     total = len(plan)

@@ -138,3 +138,16 @@ def test_merge_blocks_errors_write_nothing(files, args, message):
     assert result.returncode == 2
     assert message in result.stderr, result.stderr
     assert not out.exists()
+
+
+def test_fp8_merge_applies_and_records_the_blocks(files):
+    """--dtype fp8 goes through the same per-target multipliers: a LoRA zeroed everywhere leaves a plain cast."""
+    out, cast = files["dir"] / "blocks_fp8.safetensors", files["dir"] / "cast_fp8.safetensors"
+    merged = run_cli("merge", str(files["model"]), "--lora", f"{files['kohya']}:0.8", "--blocks", "*=0",
+                     "--out", str(out), "--dtype", "fp8", "--device", "cpu")
+    assert merged.returncode == 0, merged.stderr
+    assert run_cli("cast", str(files["model"]), "--out", str(cast), "--device", "cpu").returncode == 0
+    got, plain = load_file(str(out)), load_file(str(cast))
+    assert list(got) == list(plain) and all(torch.equal(got[k], plain[k]) for k in plain)
+    with safe_open(str(out), "pt") as f:
+        assert json.loads(f.metadata()["lora_ops.merged"])[0]["blocks"] == "*=0"

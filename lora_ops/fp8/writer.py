@@ -24,6 +24,7 @@ from ..flux import strip_model_prefix
 from ..formats import LoRAFile, check_fits
 from ..merge import terms_by_target
 from ..model_files import open_flux_checkpoint, refuse_overwriting_inputs
+from ..offline import merged_stack_metadata
 from ..safetensors_io import StreamingWriter
 from .checkpoint import (
     MARKER,
@@ -251,9 +252,7 @@ def merge_checkpoint_fp8(
     meta = conv.header(model.metadata)
     meta["lora_ops.fp8"] = f"policy={pol.name} rounding={rounding} seed={seed} scale={conv.scale_mode}"
     if loras:
-        meta["lora_ops.merged"] = json.dumps(
-            [{"file": lora.path.name, "format": lora.format, "strength": s} for lora, s in loras]
-        )
+        meta["lora_ops.merged"] = merged_stack_metadata(loras)
     sources = [k for k in conv.source if k not in conv.table.aux]
     done = 0
     with StreamingWriter(out_path, plan, meta) as out:

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from lora_factory import FluxShape, write_lora
+from lora_factory import TINY, FluxShape, write_lora
 from safetensors.torch import load_file
 from test_nodes_unit import (  # noqa: F401 -- fixtures shared with the other node tests
     assert_equal,
@@ -161,3 +161,35 @@ def test_text_encoder_keys_without_a_clip_say_so(pack, tmp_path, monkeypatch):
     _, text, clip = defs.run_load_lora(path.name, 1.0).values
     assert clip is None
     assert "k.safetensors also has 6 text-encoder keys (2 layers); connect a CLIP" in text, text
+
+
+# --------------------------------------------------------------------------------------------- resized LoRAs
+
+
+def test_resized_lora_merges_the_same_in_comfyui_core_and_in_our_nodes(comfy, pack, rt, plain, base, tmp_path):
+    """The file `resize` writes is read by ComfyUI's own LoRA loader with the scale we meant (alpha/rank kept)."""
+    import types
+
+    import comfy.sd
+    import comfy.utils
+
+    case = write_lora("kohya", tmp_path / "big.safetensors", TINY, 8, 5)
+    report = pack.lora_ops.resize_lora(case.path, tmp_path / "small.safetensors", rank=3)
+    assert report.layers and all(layer.new_rank == 3 for layer in report.layers)
+    small = pack.lora_ops.load_lora(tmp_path / "small.safetensors")
+    want = fresh_merge(pack, base, [(small, 1.0)])
+    ours = rt.attach_plan(plain, [rt.StackEntry("small", 1.0, small)])
+    load(comfy, ours)
+    assert_equal(weights(ours), want)
+    load(comfy, plain)
+    plain.model.model_config = types.SimpleNamespace(unet_config={})  # what model_lora_keys_unet reads
+    sd = comfy.utils.load_torch_file(str(tmp_path / "small.safetensors"), safe_load=True)
+    core, _ = comfy.sd.load_lora_for_models(plain, None, sd, 1.0, 0.0)
+    assert len(core.patches) == len(small.targets)
+    load(comfy, core)
+    got = weights(core)
+    for key in small.targets:
+        ulp = want[key].float().abs() * 2**-7 + 1e-30  # one bf16 rounding apart at most
+        assert ((got[key].float() - want[key].float()).abs() <= ulp).all(), key
+    load(comfy, plain)
+    assert_equal(weights(plain), base)
