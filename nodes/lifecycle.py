@@ -63,7 +63,8 @@ import comfy.model_management
 import comfy.utils
 import torch
 
-from ..lora_ops import LoRAFile, MergeOptions, MergeState, merge_loras, restore
+from ..lora_ops import LoRAFile, MergeOptions, MergeState
+from . import quantized
 from .fp8_slots import fill_slots, make_step, release_slots, slot_numel
 from .model_view import compute_device, diffusion_params, is_clean, live_weights, original_size
 from .plan import ATTACHMENT, RECORD_ATTR, MergePlan, Record, record_of
@@ -115,13 +116,14 @@ def _touched(pairs: list[tuple[LoRAFile, float]]) -> set[str]:
 def _merge(target, pairs, **kw) -> MergeState:
     # ComfyUI runs nodes under torch.inference_mode(), so the model's weights are inference tensors, which may
     # only be changed in place inside inference mode (unload / free also run outside it).
+    # Quantized weights (ComfyUI's QuantizedTensor) are merged through their payload and scale; the merge is checked.
     with torch.inference_mode():
-        return merge_loras(target, pairs, **kw)
+        return quantized.merge(target, pairs, **kw)
 
 
 def _restore(target, state: MergeState, **kw) -> None:
     with torch.inference_mode():
-        restore(target, state, **kw)
+        quantized.restore_weights(target, state, **kw)
 
 
 def undo(model) -> None:

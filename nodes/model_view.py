@@ -9,6 +9,7 @@ import torch
 
 from ..lora_ops import LoRAOpsError, ModelMismatchError, check_fits
 from .plan import StackEntry
+from .quantized import refuse_unwritable
 
 _STORAGE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn, torch.float8_e5m2)
 
@@ -109,7 +110,10 @@ def check_model(model, entries: Iterable[StackEntry]) -> None:
                     f"{entry.name}: weight {key!r} is stored as {params[key].dtype}, which the in-place "
                     "merge cannot write; use a bf16/fp16/fp8 model."
                 )
-    for module_name, module in original_modules(model).items():
+    modules = original_modules(model)
+    for entry in entries:
+        refuse_unwritable(modules, entry.lora.targets, entry.name)
+    for module_name, module in modules.items():
         if getattr(module, "scale_weight", None) is not None:
             raise LoRAOpsError(
                 f"this model stores scaled fp8 weights ({module_name}.scale_weight); merging in place into them is "
