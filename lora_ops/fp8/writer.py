@@ -1,4 +1,5 @@
-"""Writing fp8 checkpoints: plan each output tensor, convert one source tensor at a time, stream the file.
+"""Writing fp8 checkpoints: the output plan and the conversion of each source tensor, streamed by the writer
+every offline output shares (`offline.write_converted`).
 
 Two file formats, the same fp8 bits and scales:
 - `comfy_quant` (default): what ComfyUI reads natively since it has quantized tensors (0.33 and later): per layer
@@ -23,9 +24,7 @@ from ..errors import LoRAFormatError, LoRAOpsError
 from ..flux import strip_model_prefix
 from ..formats import LoRAFile, check_fits
 from ..merge import terms_by_target
-from ..model_files import open_flux_checkpoint, refuse_overwriting_inputs
-from ..offline import merged_stack_metadata
-from ..safetensors_io import StreamingWriter
+from ..offline import merged_stack_metadata, open_for_rewrite, write_converted
 from .checkpoint import (
     MARKER,
     NEW_QUANT_SUFFIX,
@@ -97,11 +96,10 @@ class FP8Conversion:
         return [(layer + NEW_SCALE_SUFFIX, torch.float32, ()), (layer + NEW_QUANT_SUFFIX, torch.uint8, (size,))]
 
     def plan(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
-        """(key, dtype, shape) of every output tensor, in writing order (for StreamingWriter)."""
+        """(key, dtype, shape) of every output tensor, in writing order."""
         out = [(k, t.dtype, tuple(t.shape)) for k, t in self.leading()]
-        for key, (_, shape) in self.source.items():
-            if key in self.table.aux:
-                continue
+        for key in self.sources():
+            shape = self.source[key][1]
             if self.is_fp8_output(key):
                 out.append((key, E4M3, shape))
                 out.extend(self.layer_extras(key))
@@ -152,12 +150,14 @@ class FP8Conversion:
             return []
         return [(self.prefix + MARKER, torch.zeros((0,) if self.fp8_matmul else (2,), dtype=E4M3))]
 
+    def sources(self) -> list[str]:
+        """Source keys that become output tensors (scales and markers are read through `get` instead)."""
+        return [key for key in self.source if key not in self.table.aux]
+
     def iter_tensors(self, get: Callable[[str], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (key, tensor) in `plan()` order, reading one source tensor at a time through `get`."""
         yield from self.leading()
-        for key in self.source:
-            if key in self.table.aux:
-                continue
+        for key in self.sources():
             yield from self.convert(key, get(key), get)
 
 
@@ -240,34 +240,22 @@ def merge_checkpoint_fp8(
     `file_format` ("comfy_quant" for ComfyUI 0.33 and later, "scaled_fp8" for ComfyUI 0.3.x).
 
     The source may be bf16/fp16/fp32, scaled fp8 (either form) or plain fp8. Returns a summary (counts and bytes).
+    Streamed by the writer every offline output shares (`offline.write_converted`).
     """
     out_path = Path(out_path)
     pol = get_policy(policy)
-    refuse_overwriting_inputs(out_path, [Path(model_path), *(lora.path for lora, _ in loras)])
-    model = open_flux_checkpoint(model_path)
+    model = open_for_rewrite(model_path, loras, out_path)
     conv = fp8_conversion({k: (model.dtype(k), model.shape(k)) for k in model.keys()}, loras, pol,
                           rounding=rounding, seed=seed, fp8_matmul=fp8_matmul, device=device, path=model_path,
                           file_format=file_format)
-    plan = conv.plan()
     meta = conv.header(model.metadata)
     meta["lora_ops.fp8"] = f"policy={pol.name} rounding={rounding} seed={seed} scale={conv.scale_mode}"
     if loras:
         meta["lora_ops.merged"] = merged_stack_metadata(loras)
-    sources = [k for k in conv.source if k not in conv.table.aux]
-    done = 0
-    with StreamingWriter(out_path, plan, meta) as out:
-        for key, tensor in conv.leading():
-            out.write(key, tensor)
-        for key in sources:
-            for out_key, tensor in conv.convert(key, model.get(key), model.get):
-                out.write(out_key, tensor)
-            done += 1
-            if progress is not None:
-                progress(done, len(sources))
+    write_converted(model, conv, out_path, meta, progress)
+    sources = conv.sources()
     merged = sum(1 for k in sources if strip_model_prefix(k)[1] in conv.terms)
     fp8_count = sum(1 for k in sources if conv.is_fp8_output(k))
-    nbytes = sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size() for _, dtype, shape in plan)
+    nbytes = sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size() for _, dtype, shape in conv.plan())
     return {"out": str(out_path), "tensors": len(sources), "merged": merged, "dtype": "fp8", "policy": pol.name,
             "fp8_tensors": fp8_count, "bytes": nbytes, "format": file_format}
-
-
