@@ -52,7 +52,6 @@ the elements merged.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
 import uuid
@@ -66,15 +65,13 @@ import torch
 from ..lora_ops import LoRAFile, MergeOptions, MergeState
 from . import quantized
 from .fp8_slots import fill_slots, make_step, release_slots, slot_numel
-from .model_view import compute_device, diffusion_params, is_clean, live_weights, original_size
+from .model_view import BackupEntry, compute_device, diffusion_params, is_clean, live_weights, original_size
 from .plan import ATTACHMENT, RECORD_ATTR, MergePlan, Record, record_of
 
 log = logging.getLogger("flux_lora_ops")
 
 #: Attribute of the shared BaseModel that ComfyUI's backup dict "restores" (see _Undo).
 UNDO_ATTR = "flux_lora_ops_undo"
-
-_BackupEntry = collections.namedtuple("Dimension", ["weight", "inplace_update"])  # ComfyUI's own layout
 
 
 # --------------------------------------------------------------------------------------------- undo
@@ -156,7 +153,7 @@ def _register_undo(patcher) -> None:
     if not isinstance(model.__dict__.get(UNDO_ATTR), _Undo):
         setattr(model, UNDO_ATTR, _Undo(model))
     entry = patcher.backup.pop(UNDO_ATTR, None)
-    patcher.backup[UNDO_ATTR] = entry if entry is not None else _BackupEntry(torch.empty(0), True)
+    patcher.backup[UNDO_ATTR] = entry if entry is not None else BackupEntry(torch.empty(0), True)
 
 
 class _Progress:
@@ -232,7 +229,7 @@ def _merge_at_load(patcher, plan: MergePlan, original_load, load_args: tuple, lo
             [(lora.only(rest), s) for lora, s in pairs],
             options=_options(device, tile_bytes, True, progress.part()),
         )
-    except BaseException:
+    except BaseException as exc:
         if pre_state is not None:
             # The same Parameter objects (in the module or in ComfyUI's backup), wherever their data is now.
             _restore(
@@ -242,6 +239,10 @@ def _merge_at_load(patcher, plan: MergePlan, original_load, load_args: tuple, lo
             )
         if plan.fp8 is not None:
             release_slots(plan.fp8)
+        if not isinstance(exc, Exception):
+            # ComfyUI's partially_load puts its own patches back (detach) only for an Exception; since 0.33 an
+            # interrupt is a BaseException, which would leave the model marked loaded with this clone's uuid.
+            patcher.detach()
         raise
     # The state names only what was merged in place (the fp8 step's layers come from untouched originals).
     merged_pairs = pairs if plan.fp8 is None else [(lora.only(touched), s) for lora, s in pairs]

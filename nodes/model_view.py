@@ -3,6 +3,7 @@ patches them, and whether a LoRA stack fits them."""
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterable
 
 import torch
@@ -10,6 +11,9 @@ import torch
 from ..lora_ops import LoRAOpsError, ModelMismatchError, check_fits
 from .plan import StackEntry
 from .quantized import refuse_unwritable
+
+#: An entry of ComfyUI's `ModelPatcher.backup` dict, in ComfyUI's own layout.
+BackupEntry = collections.namedtuple("Dimension", ["weight", "inplace_update"])
 
 _STORAGE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn, torch.float8_e5m2)
 

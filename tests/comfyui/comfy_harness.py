@@ -111,6 +111,29 @@ def ksampler_node(model: list, cond: list, latent: list, seed: int, steps: int =
     }
 
 
+#: Prefix ModelSave gives the diffusion model's keys.
+SAVE_PREFIX = "model.diffusion_model."
+
+
+def read_saved_model(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """A ModelSave file as {bare Flux key: tensor}, and its metadata.
+
+    ComfyUI 0.33 loads Flux `*_norm.scale` as `*_norm.weight` and ModelSave writes that name; it is mapped back
+    here so that files of every version compare with our (BFL-named) weights.
+    """
+    from safetensors import safe_open
+
+    out: dict[str, Any] = {}
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        for key in f.keys():
+            bare = key.removeprefix(SAVE_PREFIX)
+            if bare.endswith("_norm.weight"):
+                bare = bare.removesuffix(".weight") + ".scale"
+            out[bare] = f.get_tensor(key)
+    return out, metadata
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((HOST, 0))

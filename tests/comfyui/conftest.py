@@ -26,6 +26,7 @@ from comfy_harness import (
     make_base_directory,
     write_flux_tiny,
 )
+from inprocess import base, comfy, lc, loras, pack, plain, rt  # noqa: F401  (in-process fixtures)
 
 SERVER_START_TIMEOUT = float(os.environ.get("COMFYUI_START_TIMEOUT", "180"))
 
@@ -59,11 +60,11 @@ def comfy_server(comfyui_root: Path, flux_tiny_checkpoint: Path, tmp_path_factor
     ``server.add_lora(path)`` or ``server.loras_dir``), ``custom_nodes/{flux_lora_ops,
     flux_lora_ops_test_nodes}`` and ``output/``. The log is at ``server.log_path``.
     """
-    base = tmp_path_factory.mktemp("comfy_base")
-    make_base_directory(base, flux_tiny_checkpoint)
+    base_dir = tmp_path_factory.mktemp("comfy_base")
+    make_base_directory(base_dir, flux_tiny_checkpoint)
     server = ComfyServer(
         comfyui_root=comfyui_root,
-        base_dir=base,
+        base_dir=base_dir,
         log_path=tmp_path_factory.getbasetemp() / "comfyui_server.log",
         port=free_port(),
     )

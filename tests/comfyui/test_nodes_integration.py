@@ -28,8 +28,15 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from comfy_harness import FLUX_TINY_NAME, PACK_DIR_NAME, ComfyServer, free_port, ksampler_node, make_base_directory
-from safetensors import safe_open
+from comfy_harness import (
+    FLUX_TINY_NAME,
+    PACK_DIR_NAME,
+    ComfyServer,
+    free_port,
+    ksampler_node,
+    make_base_directory,
+    read_saved_model,
+)
 from safetensors.torch import load_file, save_file
 
 from lora_ops import FluxShape, load_lora, merge_loras
@@ -37,7 +44,6 @@ from lora_ops.flux import flux_weight_shapes
 from lora_ops.merge import terms_by_target
 from lora_ops.synthetic import kohya_lora_tensors
 
-SAVE_PREFIX = "model.diffusion_model."
 SHAPE = FluxShape(depth=1, depth_single=1)
 
 SMALL = ("double_blocks.0.img_attn.proj", "double_blocks.0.txt_attn.proj", "final_layer.linear", "img_in")
@@ -104,10 +110,9 @@ def saved_file(server: ComfyServer, prefix: str) -> Path:
 
 
 def assert_file_equals(path: Path, expected: dict[str, torch.Tensor]) -> None:
-    with safe_open(str(path), framework="pt") as f:
-        keys = set(f.keys())
-        assert keys == {SAVE_PREFIX + k for k in expected}
-        bad = [k for k in expected if not torch.equal(f.get_tensor(SAVE_PREFIX + k), expected[k])]
+    saved, _ = read_saved_model(path)
+    assert set(saved) == set(expected)
+    bad = [k for k in expected if not torch.equal(saved[k], expected[k])]
     assert not bad, f"{len(bad)} tensors differ from the expected weights, e.g. {bad[:4]}"
 
 
@@ -421,12 +426,12 @@ def test_interrupt_during_merge_leaves_model_unchanged(comfy_server, base, loras
 
 
 def _close(path: Path, base: dict, expected_delta: dict[str, torch.Tensor]) -> None:
-    with safe_open(str(path), framework="pt") as f:
-        for key, delta in expected_delta.items():
-            got = f.get_tensor(SAVE_PREFIX + key).float()
-            want = base[key].float() + delta
-            err = (got - want).abs().max().item()
-            assert err <= want.abs().max().item() * 2**-7, (key, err)
+    saved, _ = read_saved_model(path)
+    for key, delta in expected_delta.items():
+        got = saved[key].float()
+        want = base[key].float() + delta
+        err = (got - want).abs().max().item()
+        assert err <= want.abs().max().item() * 2**-7, (key, err)
 
 
 @pytest.mark.parametrize("order", ["core_then_ours", "ours_then_core"])
@@ -500,14 +505,14 @@ def test_fp8_cast_branch_next_to_plain_branch(comfy_server, base, loras):
     # ModelSave of the fp8 branch: each fp8 layer is the merge-then-quantise of the untouched bf16 original
     # (the file has no scaled_fp8 marker: ModelSave is not a way to write fp8 checkpoints; see the CLI for that)
     terms = terms_by_target([(load_lora(comfy_server.loras_dir / loras["small"]), 1.0)])
-    with safe_open(str(saved_file(comfy_server, cast_prefix)), framework="pt") as f:
-        fp8_keys = [k for k in base if fp8.get_policy("default").selects(k, base[k].shape)]
-        assert fp8_keys
-        for key in fp8_keys:
-            q, scale = fp8.quantize_merged(base[key], terms.get(key, []), key=key)
-            got = f.get_tensor(SAVE_PREFIX + key)
-            assert got.dtype == torch.float8_e4m3fn and torch.equal(got.view(torch.uint8), q.view(torch.uint8)), key
-            assert torch.equal(f.get_tensor(SAVE_PREFIX + key.removesuffix(".weight") + ".scale_weight"), scale)
+    saved, _ = read_saved_model(saved_file(comfy_server, cast_prefix))
+    fp8_keys = [k for k in base if fp8.get_policy("default").selects(k, base[k].shape)]
+    assert fp8_keys
+    for key in fp8_keys:
+        q, scale = fp8.quantize_merged(base[key], terms.get(key, []), key=key)
+        got = saved[key]
+        assert got.dtype == torch.float8_e4m3fn and torch.equal(got.view(torch.uint8), q.view(torch.uint8)), key
+        assert torch.equal(saved[key.removesuffix(".weight") + ".scale_weight"], scale)
     alone = unique("after_fp8_alone")
     comfy_server.run(
         {
