@@ -64,6 +64,7 @@ import torch
 
 from ..lora_ops import LoRAFile, MergeOptions, MergeState
 from . import quantized
+from .dynamic import is_dynamic, load_dynamic, saved_weight
 from .fp8_slots import fill_slots, make_step, release_slots, slot_numel
 from .model_view import BackupEntry, compute_device, diffusion_params, is_clean, live_weights, original_size
 from .plan import ATTACHMENT, RECORD_ATTR, MergePlan, Record, record_of
@@ -324,15 +325,23 @@ class MergingPatcherMixin:
         plan = self.attachments.get(ATTACHMENT)
         if plan is None:
             return super().load(*args, **kwargs)
+        if is_dynamic(self):
+            return load_dynamic(self, plan, super().load, args, kwargs)
         return _merge_at_load(self, plan, super().load, args, kwargs)
 
     def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
         plan = self.attachments.get(ATTACHMENT)
-        if plan is not None and _switch_in_place(self, plan):
+        if plan is not None and not is_dynamic(self) and _switch_in_place(self, plan):
             # The weights are now exactly this clone's; ComfyUI's force_patch_weights concerns only its
             # own patches, of which neither clone has any (checked), so it must not trigger an unpatch.
             force_patch_weights = False
         return super().partially_load(device_to, extra_memory, force_patch_weights=force_patch_weights)
+
+    def patch_weight_to_device(self, key, *args, **kwargs):
+        out = super().patch_weight_to_device(key, *args, **kwargs)
+        if kwargs.get("return_weight") and is_dynamic(self) and ATTACHMENT in self.attachments:
+            return saved_weight(self, key, out)  # ModelSave under dynamic VRAM reads weights this way
+        return out
 
 
 _CLASSES: dict[type, type] = {}

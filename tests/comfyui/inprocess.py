@@ -82,11 +82,15 @@ def base():
 
 @pytest.fixture(scope="module")
 def loras(tmp_path_factory, pack, base):
-    folder = tmp_path_factory.mktemp("loras")
+    return make_loras(tmp_path_factory.mktemp("loras"), pack, TINY, base)
+
+
+def make_loras(folder: Path, pack, shape, base: dict[str, torch.Tensor]) -> dict:
+    """Three parsed LoRAs for a model of `shape`: a (kohya), b (diffusers), dora (DoRA), rank 4."""
     out = {}
     for name, fmt, seed in (("a", "kohya", 1), ("b", "diffusers", 2), ("dora", "dora", 3)):
         path = folder / f"{name}.safetensors"
-        write_lora(fmt, path, TINY, 4, seed, base=base)
+        write_lora(fmt, path, shape, 4, seed, base=base)
         out[name] = pack.lora_ops.load_lora(path)
     return out
 
@@ -95,7 +99,7 @@ class _Root(torch.nn.Module):
     """Stands in for comfy.model_base.BaseModel: the Flux weights under `.diffusion_model`."""
 
 
-def _build_model(comfy, sd: dict[str, torch.Tensor]) -> _Root:
+def build_model(comfy, sd: dict[str, torch.Tensor]) -> _Root:
     """Flux-named module tree; Linear leaves are comfy.ops.manual_cast.Linear (lowvram-capable, like core)."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in sd.items():
@@ -127,7 +131,7 @@ def plain(comfy, base):
     """A fresh ModelPatcher (what UNETLoader returns) over a fresh tiny model; unloaded afterwards."""
     cpu = torch.device("cpu")
     with torch.inference_mode():  # as UNETLoader runs in ComfyUI: the weights are inference tensors
-        model = _build_model(comfy, base)
+        model = build_model(comfy, base)
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
     yield patcher
     comfy.model_management.unload_all_models()
@@ -155,3 +159,17 @@ def entry(rt, lora, strength, name="x"):
 
 def load(comfy, patcher) -> None:
     comfy.model_management.load_models_gpu([patcher])
+
+
+def core_lora(plain, keys, seed=7, strength=1.0):
+    """A core-style weight patch (what LoraLoaderModelOnly adds) on a clone: a 'diff' per key."""
+    gen = torch.Generator().manual_seed(seed)
+    patches = {}
+    deltas = {}
+    for key in keys:
+        shape = plain.model.diffusion_model.get_parameter(key).shape
+        deltas[key] = torch.randn(shape, generator=gen) * 0.01
+        patches["diffusion_model." + key] = ("diff", (deltas[key].to(torch.bfloat16),))
+    clone = plain.clone()
+    clone.add_patches(patches, strength)
+    return clone, {k: d.to(torch.bfloat16).float() * strength for k, d in deltas.items()}

@@ -19,7 +19,7 @@ import sys
 import hostile_files as hf
 import pytest
 import torch
-from inprocess import assert_equal, entry, fresh_merge, import_pack, load, weights
+from inprocess import assert_equal, core_lora, entry, fresh_merge, import_pack, load, weights
 from lora_factory import TINY, write_lora
 
 # --------------------------------------------------------------------------------------------- merge / undo
@@ -85,20 +85,6 @@ def test_chained_merge_nodes_compose(comfy, pack, rt, plain, base, loras):
 # --------------------------------------------------------------------------------------------- with core LoRA patches
 
 
-def _core_lora(plain, keys, seed=7, strength=1.0):
-    """A core-style weight patch (what LoraLoaderModelOnly adds) on a clone: a 'diff' per key."""
-    gen = torch.Generator().manual_seed(seed)
-    patches = {}
-    deltas = {}
-    for key in keys:
-        shape = plain.model.diffusion_model.get_parameter(key).shape
-        deltas[key] = torch.randn(shape, generator=gen) * 0.01
-        patches["diffusion_model." + key] = ("diff", (deltas[key].to(torch.bfloat16),))
-    clone = plain.clone()
-    clone.add_patches(patches, strength)
-    return clone, {k: d.to(torch.bfloat16).float() * strength for k, d in deltas.items()}
-
-
 def _close_to(actual: dict, base: dict, *deltas: dict) -> None:
     """Within two bf16 roundings of base + every delta (fp32)."""
     keys = set().union(*deltas)
@@ -118,11 +104,11 @@ def _lora_delta(pack, base, stack) -> dict:
 def test_core_lora_patches_and_ours_share_the_model(lc, comfy, pack, rt, plain, base, loras, order):
     keys = ["double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear2.weight", "img_in.weight"]
     if order == "core_then_ours":
-        core, core_delta = _core_lora(plain, keys)
+        core, core_delta = core_lora(plain, keys)
         both = rt.attach_plan(core, [entry(rt, loras["a"], 1.0)])
     else:
         ours = rt.attach_plan(plain, [entry(rt, loras["a"], 1.0)])
-        both, core_delta = _core_lora(ours, keys)
+        both, core_delta = core_lora(ours, keys)
         assert isinstance(both, lc.MergingPatcherMixin)  # clone() keeps the class and the plan
     load(comfy, both)
     _close_to(weights(both), base, _lora_delta(pack, base, [(loras["a"], 1.0)]), core_delta)
@@ -153,7 +139,7 @@ def _effective(comfy, patcher) -> dict[str, torch.Tensor]:
 def test_lowvram_partial_load_and_partial_unload_keep_the_merge(lc, comfy, pack, rt, plain, base, loras):
     """ComfyUI's lowvram path: some modules 'stay offloaded' with LowVramPatch for core patches; ours is in place."""
     keys = ["double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight", "txt_in.weight"]
-    core, core_delta = _core_lora(plain, keys)
+    core, core_delta = core_lora(plain, keys)
     both = rt.attach_plan(core, [entry(rt, loras["a"], 1.0)])
     ours_delta = _lora_delta(pack, base, [(loras["a"], 1.0)])
     budget = comfy.model_management.module_size(plain.model) // 3
@@ -215,7 +201,7 @@ def test_interrupt_during_in_place_switch_keeps_previous_stack(comfy, pack, rt, 
 
 def test_interrupt_after_core_patches_rolls_back_our_pre_merge(comfy, rt, plain, base, loras, monkeypatch):
     keys = ["double_blocks.0.img_attn.qkv.weight"]
-    core, _ = _core_lora(plain, keys)
+    core, _ = core_lora(plain, keys)
     both = rt.attach_plan(core, [entry(rt, loras["a"], 1.0)])
     _interrupt_after(comfy, monkeypatch, 2)  # first update ends the pre-merge of core-patched keys
     with pytest.raises(comfy.model_management.InterruptProcessingException):
