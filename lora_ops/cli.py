@@ -22,7 +22,7 @@ from .blocks import (
     parse_block_spec,
     with_block_weights,
 )
-from .errors import LoRAOpsError
+from .errors import LoRAOpsError, UndoError
 from .formats import LoRAFile, describe, load_lora
 from .merge import is_out_of_memory
 from .model_files import open_flux_checkpoint
@@ -125,25 +125,38 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
 
 
 def _device(name: str) -> str | None:
+    """--device: None for the CPU, else a device torch has (checked before anything is read or written)."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else None
-    return None if name == "cpu" else name
+    if name == "cpu":
+        return None
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise LoRAOpsError(f"--device {name}: not a device; use auto, cpu or cuda (cuda:1 for a second GPU)") from None
+    backend = getattr(torch, device.type, None)
+    if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+        raise LoRAOpsError(f"--device {name}: this torch has no usable {device.type} device; use --device cpu")
+    if device.index is not None and device.index >= backend.device_count():
+        raise LoRAOpsError(f"--device {name}: there are only {backend.device_count()} {device.type} devices")
+    return name
 
 
 @command("merge", _merge_args)
 def _merge(args: argparse.Namespace) -> int:
     from .offline import merge_checkpoint
 
+    device = _device(args.device)
     stack = _with_blocks(_load_stack(args.lora, args.legacy_split_qkv), args.blocks, args.model)
     start = time.perf_counter()
     if args.dtype == "fp8":
         from .fp8 import merge_checkpoint_fp8
 
-        summary = merge_checkpoint_fp8(args.model, stack, args.out, policy=args.policy, device=_device(args.device),
+        summary = merge_checkpoint_fp8(args.model, stack, args.out, policy=args.policy, device=device,
                                        rounding=args.rounding, seed=args.seed, fp8_matmul=args.fp8_matmul,
                                        file_format=args.file_format)
     else:
-        summary = merge_checkpoint(args.model, stack, args.out, dtype=args.dtype, device=_device(args.device))
+        summary = merge_checkpoint(args.model, stack, args.out, dtype=args.dtype, device=device)
     print(f"wrote {summary['out']}: {summary['merged']} of {summary['tensors']} tensors merged "
           f"in {time.perf_counter() - start:.1f} s")
     return 0
@@ -218,8 +231,9 @@ def _cast_args(p: argparse.ArgumentParser) -> None:
 def _cast(args: argparse.Namespace) -> int:
     from .fp8 import merge_checkpoint_fp8
 
+    device = _device(args.device)
     start = time.perf_counter()
-    summary = merge_checkpoint_fp8(args.model, [], args.out, policy=args.policy, device=_device(args.device),
+    summary = merge_checkpoint_fp8(args.model, [], args.out, policy=args.policy, device=device,
                                    rounding=args.rounding, seed=args.seed, fp8_matmul=args.fp8_matmul,
                                    file_format=args.file_format)
     print(f"wrote {summary['out']}: {summary['fp8_tensors']} of {summary['tensors']} tensors in fp8 "
@@ -249,28 +263,35 @@ def _resize(args: argparse.Namespace) -> int:
 
 def _error_line(e: BaseException) -> str:
     """One line for stderr: what went wrong, with the file it concerns."""
-    if isinstance(e, OSError):
+    if isinstance(e, (LoRAOpsError, UndoError)):
+        text = str(e)
+    elif isinstance(e, OSError):
         text = f"{e.filename}: {e.strerror or e}" if e.filename else str(e.strerror or e)
     elif is_out_of_memory(e):
         detail = " ".join(str(e).split())[:200] or "no details"
         text = (f"out of memory ({detail}); nothing was written. Free memory (close other programs) and run again, "
                 "or use --device cpu if it ran on the GPU")
-    else:
-        text = str(e)
+    else:  # not an input problem: say what it was so that it can be reported
+        text = f"unexpected {type(e).__name__}: {e}; nothing was written. Please report this with the command line"
     return " ".join(text.split())
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line and exit code 2 like every other error."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"error: {self.prog}: {' '.join(message.split())} (see --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lora_ops", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="python -m lora_ops", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, (configure, _) in COMMANDS.items():
         configure(sub.add_parser(name))
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command][1](args)
-    except (LoRAOpsError, OSError, MemoryError, RuntimeError) as e:
-        if isinstance(e, RuntimeError) and not is_out_of_memory(e):
-            raise  # a bug: keep the traceback
+    except Exception as e:  # every error: one line, exit code 2 (no traceback, no output file)
         print(f"error: {_error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

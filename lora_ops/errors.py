@@ -22,15 +22,18 @@ class ModelMismatchError(LoRAOpsError):
     """The LoRA does not fit the model it is applied to (shapes, missing weights, not Flux)."""
 
 
+class UndoError(RuntimeError):
+    """Undo could not give back the exact bits it promised; `keys` names the weights concerned.
+
+    `unchanged` tells whether those weights still hold the bits they had before the call (True), or are in
+    an unknown state (False: the rollback itself failed). Either way: reload them from the model file.
+    """
+
+    def __init__(self, message: str, keys: list[str], unchanged: bool) -> None:
+        super().__init__(message)
+        self.keys = keys
+        self.unchanged = unchanged
+
+
 class LoRAFormatWarning(UserWarning):
     """A LoRA file loaded, but part of it was skipped or reinterpreted."""
-
-
-def where(path: object | None, key: str | None = None) -> str:
-    """A short 'in FILE, key KEY' phrase for messages."""
-    parts = []
-    if path is not None:
-        parts.append(f"in {path}")
-    if key is not None:
-        parts.append(f"key {key!r}")
-    return (" " + ", ".join(parts)) if parts else ""

@@ -16,16 +16,18 @@ touched tile back to its exact previous bits.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from .adapters import ROW_BLOCK, Adapter, DoRA
-from .errors import LoRAOpsError, ModelMismatchError
+from .errors import LoRAOpsError, ModelMismatchError, UndoError
 from .flux import strip_model_prefix
 from .formats import LoRAFile, check_fits
+from .journal import Journal, differing_bits, fingerprint
 
 DEFAULT_TILE_BYTES = 64 * 1024 * 1024
 MIN_TILE_ROWS = 32
@@ -67,81 +69,59 @@ class Codec:
         pass
 
 
-@dataclass
-class _Segment:
-    start: int  # flat range [start, stop) of the weight this segment covers
-    stop: int
-    index: torch.Tensor | None  # sorted absolute flat int32 indices; None = dense (every element)
-    values: torch.Tensor  # original values in the storage dtype
+@dataclass(frozen=True)
+class Arithmetic:
+    """Where a weight's change was computed, and with how many CPU threads: undo must compute it the same way."""
+
+    device: str
+    threads: int | None = None  # CPU intra-op threads (None on an accelerator)
+
+    @classmethod
+    def on(cls, device: torch.device) -> Arithmetic:
+        return cls(str(device), torch.get_num_threads() if device.type == "cpu" else None)
+
+    def available(self) -> bool:
+        device = torch.device(self.device)
+        if device.type == "cpu":
+            return True
+        backend = getattr(torch, device.type, None)
+        if backend is None or not backend.is_available():
+            return False
+        return device.index is None or device.index < backend.device_count()
 
 
-class Journal:
-    """Exact values that undo cannot recover by subtraction, for one weight (kept on the CPU).
-
-    Per tile, the journal stores whichever is smaller: the elements that differ (int32 index +
-    value) or the whole tile's values. So it never exceeds the weight's own size plus nothing,
-    and for realistic LoRAs (ΔW of a few % of W) it is a few % of it.
-    """
-
-    def __init__(self) -> None:
-        self.segments: list[_Segment] = []
-
-    @property
-    def nbytes(self) -> int:
-        return sum(
-            (0 if s.index is None else s.index.numel() * 4) + s.values.numel() * s.values.element_size()
-            for s in self.segments
-        )
-
-    @property
-    def entries(self) -> int:
-        return sum(s.values.numel() for s in self.segments)
-
-    def add(self, start: int, flat: torch.Tensor, truth: torch.Tensor) -> None:
-        """Record `truth` (one flat tile starting at flat `start`) at the positions `flat`."""
-        count = flat.numel()
-        if not count:
-            return
-        item = truth.element_size()
-        if count * (4 + item) >= truth.numel() * item:
-            self.segments.append(_Segment(start, start + truth.numel(), None, truth.to("cpu", copy=True)))
-        else:
-            index = (flat + start).to("cpu", torch.int32)
-            self.segments.append(_Segment(start, start + truth.numel(), index, truth[flat].cpu()))
-
-    def lookup(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(local int64 indices, values) of the recorded elements in flat range [lo, hi)."""
-        indices, values = [], []
-        for seg in self.segments:
-            if seg.stop <= lo or seg.start >= hi:
-                continue
-            a, b = max(lo, seg.start), min(hi, seg.stop)
-            if seg.index is None:
-                indices.append(torch.arange(a - lo, b - lo))
-                values.append(seg.values[a - seg.start : b - seg.start])
-            else:
-                i0 = int(torch.searchsorted(seg.index, a))
-                i1 = int(torch.searchsorted(seg.index, b))
-                if i0 < i1:
-                    indices.append(seg.index[i0:i1].long() - lo)
-                    values.append(seg.values[i0:i1])
-        if not indices:
-            return None
-        return torch.cat(indices), torch.cat(values)
+@contextmanager
+def _threads(arithmetic: Arithmetic):
+    """Run with the CPU thread count the arithmetic records (a matmul's blocking can depend on it)."""
+    previous = torch.get_num_threads()
+    change = arithmetic.threads is not None and arithmetic.threads != previous
+    if change:
+        torch.set_num_threads(arithmetic.threads)
+    try:
+        yield
+    finally:
+        if change:
+            torch.set_num_threads(previous)
 
 
 @dataclass
 class MergeState:
-    """What is merged into a set of weights now; pass it to the next merge or to `restore`."""
+    """What is merged into a set of weights now; pass it to the next merge or to `restore`.
+
+    Per weight: the journal (None: merged with exact_undo=False, so it cannot be undone), the fingerprint of
+    its original bits (checked after every undo) and the arithmetic its change was computed with.
+    """
 
     stack: list[tuple[LoRAFile, float]] = field(default_factory=list)
-    journals: dict[str, Journal] = field(default_factory=dict)
+    journals: dict[str, Journal | None] = field(default_factory=dict)
     dora_norms: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
     codec_state: dict[str, object] = field(default_factory=dict)  # what codecs keep between calls (fp8 base scales)
+    fingerprints: dict[str, torch.Tensor] = field(default_factory=dict)
+    arithmetic: dict[str, Arithmetic] = field(default_factory=dict)
 
     @property
     def journal_bytes(self) -> int:
-        return sum(j.nbytes for j in self.journals.values())
+        return sum(j.nbytes for j in self.journals.values() if j is not None)
 
     @classmethod
     def combine(cls, stack: list[tuple[LoRAFile, float]], parts: Iterable[MergeState | None]) -> MergeState:
@@ -149,9 +129,8 @@ class MergeState:
         out = cls(list(stack))
         for part in parts:
             if part is not None:
-                out.journals.update(part.journals)
-                out.dora_norms.update(part.dora_norms)
-                out.codec_state.update(part.codec_state)
+                for name in ("journals", "dora_norms", "codec_state", "fingerprints", "arithmetic"):
+                    getattr(out, name).update(getattr(part, name))
         return out
 
 
@@ -208,8 +187,10 @@ class _KeyJob:
     """One weight's transition from `old` terms to `new` terms, tile by tile."""
 
     def __init__(self, key: str, weight: torch.Tensor, old: list[Term], new: list[Term], journal: Journal | None,
-                 codec: Codec, device: torch.device, state: MergeState, exact_undo: bool = True) -> None:
+                 codec: Codec, arithmetic: Arithmetic, state: MergeState, exact_undo: bool = True) -> None:
         self.key = key
+        self.arithmetic = arithmetic
+        device = torch.device(arithmetic.device)
         self.exact_undo = exact_undo
         self.weight = weight
         self.matrix = weight if weight.dim() == 2 else weight.reshape(weight.shape[0], -1)
@@ -223,6 +204,8 @@ class _KeyJob:
         self.new_journal = Journal()
         self.undo_journal = Journal()
         self.written: list[tuple[int, int]] = []
+        zeros = torch.zeros(2, dtype=torch.int64, device=device)
+        self.base_print, self.before_print = zeros, zeros.clone()  # fingerprints of the written rows
         self.load_terms()
 
     def load_terms(self) -> None:
@@ -231,6 +214,11 @@ class _KeyJob:
         for dev_adapter, _, original in self.old + self.new:
             if isinstance(dev_adapter, DoRA):
                 dev_adapter._sumsq = self.state.dora_norms.get((self.key, id(original)))
+
+    @property
+    def keeps_terms(self) -> bool:
+        """Whether the weight holds LoRA terms after this call (False: it is restored)."""
+        return bool(self._sources[1])
 
     def release_terms(self) -> None:
         """Drop the device copies once the weight is done; `rollback` loads them again."""
@@ -304,6 +292,9 @@ class _KeyJob:
     def run_tile(self, r0: int, r1: int) -> None:
         current_stored = self.matrix[r0:r1].to(self.device, copy=True) if self.old else None
         base, base_stored = self.base_rows(r0, r1)
+        base_print = fingerprint(base_stored, r0)
+        self.base_print += base_print
+        self.before_print += fingerprint(current_stored, r0) if self.old else base_print
         delta = self._delta(self.new, r0, r1, base)
         # No new terms: write the recovered original bits themselves (base + 0 would turn -0 into +0).
         out_stored = self.codec.encode(base + delta, self.key, r0, "new") if self.new else base_stored.clone()
@@ -334,35 +325,66 @@ class _KeyJob:
         role = "current" if self.old else "base"
         self.matrix[r0:r1].copy_(self._fix(self.codec.encode(estimate, self.key, r0, role), fix))
 
+    def check_base(self, expected: torch.Tensor | None) -> None:
+        """After the last tile: the original bits this call recovered must match the merge's fingerprint."""
+        if expected is not None and self.old and not torch.equal(self.base_print.cpu(), expected):
+            raise UndoError(
+                f"{self.key!r}: taking the merged LoRAs out would not give back the original weight (its "
+                "fingerprint differs): the change was computed differently than at merge time, or the weight was "
+                "changed outside this pack. The weights were left as they were; reload the model from its file.",
+                [self.key], unchanged=True,
+            )
+
     def rollback(self) -> None:
+        """Put back the bits this call replaced; each step is retried in smaller pieces when memory is short,
+        and the result is checked against the fingerprint of the bits found (UndoError if it differs)."""
         if self.old is None:
-            self.load_terms()
-        for r0, r1 in reversed(self.written):
-            self.undo_tile(r0, r1)
-        self.written.clear()
+            _retry_out_of_memory(self.load_terms, self.device)
+        extent = self.written[-1][1] if self.written else 0
+        while self.written:
+            self._undo_range(*self.written[-1])
+            self.written.pop()
         self.codec.rollback()
+        if not torch.equal(self._print_of_rows(extent), self.before_print.cpu()):
+            raise UndoError(f"{self.key!r}: rolling back did not give back its previous bits", [self.key], False)
+
+    def _undo_range(self, r0: int, r1: int) -> None:
+        try:
+            self.undo_tile(r0, r1)
+            return
+        except BaseException as error:
+            if not is_out_of_memory(error) or r1 - r0 == 1:
+                raise
+        _free_cache(self.device)
+        mid = (r0 + r1) // 2
+        self._undo_range(mid, r1)
+        self._undo_range(r0, mid)
+
+    def _print_of_rows(self, stop: int) -> torch.Tensor:
+        """Fingerprint of rows [0, stop) as stored now, 256 rows at a time on the CPU (cannot run out of VRAM)."""
+        total = torch.zeros(2, dtype=torch.int64)
+        for r0, r1 in _tiles(stop, ROW_BLOCK):
+            total += fingerprint(self.matrix[r0:r1].cpu(), r0)
+        return total
 
     def finished_journal(self) -> Journal | None:
-        return self.new_journal if (self._sources[1] and self.exact_undo) else None
+        return self.new_journal if self.exact_undo else None
 
 
-_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+def _free_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
-def differing_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Flat int64 positions where two same-dtype tensors differ bit for bit (-0 vs +0 counts).
-
-    On the CPU numpy's flatnonzero is an order of magnitude faster than torch.nonzero.
-    """
-    ints = _INT_OF_SIZE[a.element_size()]
-    a_bits, b_bits = a.reshape(-1).view(ints), b.reshape(-1).view(ints)
-    if a.device.type == "cpu":
-        return torch.from_numpy(np.flatnonzero(np.not_equal(a_bits.numpy(), b_bits.numpy())))
-    return torch.nonzero(a_bits != b_bits).squeeze(1)
-
-
-def _negated(terms):
-    return [(a, -c, o) for a, c, o in terms]
+def _retry_out_of_memory(step: Callable[[], None], device: torch.device) -> None:
+    """Run `step`; after an out-of-memory error free the allocator's cache and run it once more."""
+    try:
+        step()
+    except BaseException as error:
+        if not is_out_of_memory(error):
+            raise
+        _free_cache(device)
+        step()
 
 
 def _tiles(rows: int, tile_rows: int) -> Iterator[tuple[int, int]]:
@@ -399,8 +421,10 @@ def merge_loras(
 
     `state` is what an earlier call returned for the same weights: the engine then moves the
     weights from that stack to this one in one pass (strength changes, swaps, `[]` to restore).
-    On any failure every weight is left exactly as it was and the error is raised.
-    An out-of-memory error is retried with half the tile size, down to `min_tile_bytes`.
+    On any failure every weight is put back exactly as it was (checked) and the error is raised.
+    An out-of-memory error is retried with half the tile size, down to `min_tile_bytes`. When the
+    rollback itself fails, or an undo would not give back the original bits, UndoError is raised
+    naming the weights (never a retry over weights that are not as they were).
     """
     for lora, strength in loras:
         if not math.isfinite(float(strength)):
@@ -411,6 +435,8 @@ def merge_loras(
     while True:
         try:
             return _merge_once(target, loras, state or MergeState(), budget, options, report)
+        except UndoError:
+            raise
         except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
             if not is_out_of_memory(error) or budget // 2 < options.min_tile_bytes:
                 raise
@@ -433,6 +459,73 @@ def restore(target, state: MergeState, **kw) -> MergeState:
     return merge_loras(target, [], state=state, **kw)
 
 
+def _changed_keys(weights, state: MergeState, old_terms, new_terms) -> list[str]:
+    """The weights whose terms change, after checking that each can be changed (and undone) exactly."""
+    touched = dict.fromkeys([*old_terms, *new_terms])
+    keys = [k for k in touched if not _same_terms(old_terms.get(k, []), new_terms.get(k, []))]
+    for key in keys:
+        if key not in weights:
+            raise ModelMismatchError(f"the merged state names {key!r}, which the model does not have")
+        if old_terms.get(key) and state.journals.get(key) is None:
+            raise LoRAOpsError(
+                f"{key!r} was merged with exact_undo=False, so its LoRAs cannot be taken out exactly; nothing was "
+                "changed. Reload the model from its file (or merge with exact_undo=True to change strengths later)."
+            )
+    return keys
+
+
+def _arithmetic_for(key: str, weight: torch.Tensor, state: MergeState, has_old: bool,
+                    options: MergeOptions) -> Arithmetic:
+    """The merge's recorded arithmetic when this call undoes it (so undo is exact), else the requested one."""
+    requested = Arithmetic.on(torch.device(options.compute_device or weight.device))
+    recorded = state.arithmetic.get(key) if has_old else None
+    if recorded is None or recorded == requested:
+        return requested
+    if recorded.available():
+        return recorded
+    warnings.warn(
+        f"{key!r} was merged on {recorded.device}, which is not available now: undoing it on {requested.device} "
+        "and checking the result against the original bits' fingerprint (an error if they differ)",
+        stacklevel=4,
+    )
+    return requested
+
+
+def _run_job(job: _KeyJob, budget: int, options: MergeOptions, report: MergeReport, expected) -> None:
+    cols = job.matrix.shape[1]
+    blocks = len(job.old) + len(job.new)
+    rows_per_tile = tile_rows_for(cols, budget, blocks)
+    job.prepare_norms(rows_per_tile)
+    job.codec.begin(job, rows_per_tile)
+    for i, (r0, r1) in enumerate(_tiles(job.matrix.shape[0], rows_per_tile)):
+        if options.on_tile is not None:
+            options.on_tile(job.key, i, r1 - r0)
+        job.run_tile(r0, r1)
+        report.tile_rows_max = max(report.tile_rows_max, r1 - r0)
+        report.peak_tile_bytes = max(report.peak_tile_bytes, working_bytes(r1 - r0, cols, blocks))
+    job.check_base(expected)
+    job.codec.commit()
+    job.release_terms()
+
+
+def _roll_back(jobs: list[_KeyJob], error: BaseException) -> None:
+    """Undo every job (latest first); UndoError names those whose bits could not be put back."""
+    failed = []
+    for job in reversed(jobs):
+        try:
+            with _threads(job.arithmetic):
+                job.rollback()
+        except BaseException:  # keep rolling the others back
+            failed.append(job.key)
+    if failed:
+        raise UndoError(
+            f"{' '.join(str(error).split())[:200] or type(error).__name__}; then rolling back failed for "
+            f"{len(failed)} weights ({', '.join(failed[:3])}{', ...' if len(failed) > 3 else ''}), which may hold "
+            "wrong values now. Reload the model from its file.",
+            failed, unchanged=False,
+        ) from error
+
+
 def _merge_once(
     target, loras, state: MergeState, budget: int, options: MergeOptions, report: MergeReport
 ) -> MergeState:
@@ -440,58 +533,45 @@ def _merge_once(
     shape_of = lambda key: tuple(weights[key].shape) if key in weights else None  # noqa: E731
     for lora, _ in loras:
         check_fits(lora, shape_of)
-    old_terms = terms_by_target(state.stack)
-    new_terms = terms_by_target(loras)
-    touched = dict.fromkeys([*old_terms, *new_terms])
-    keys = [k for k in touched if not _same_terms(old_terms.get(k, []), new_terms.get(k, []))]
-    for key in keys:
-        if key not in weights:
-            raise ModelMismatchError(f"the merged state names {key!r}, which the model does not have")
+    old_terms, new_terms = terms_by_target(state.stack), terms_by_target(loras)
+    keys = _changed_keys(weights, state, old_terms, new_terms)
     total = sum(weights[k].numel() for k in keys)
+    new_state = MergeState(list(loras), dict(state.journals), dict(state.dora_norms), dict(state.codec_state),
+                           dict(state.fingerprints), dict(state.arithmetic))
+    jobs: list[_KeyJob] = []
     done = 0
-    new_state = MergeState(list(loras), dict(state.journals), dict(state.dora_norms), dict(state.codec_state))
-    finished: list[_KeyJob] = []
-    job = None
     try:
         for key in keys:
             weight = weights[key]
-            device = torch.device(options.compute_device) if options.compute_device is not None else weight.device
+            old, new = old_terms.get(key, []), new_terms.get(key, [])
+            arithmetic = _arithmetic_for(key, weight, state, bool(old), options)
             codec = options.codec_for(key, weight) if options.codec_for else Codec(weight.dtype)
-            job = _KeyJob(key, weight, old_terms.get(key, []), new_terms.get(key, []), state.journals.get(key),
-                          codec, device, new_state, options.exact_undo)
-            cols = job.matrix.shape[1]
-            blocks = len(job.old) + len(job.new)
-            rows_per_tile = tile_rows_for(cols, budget, blocks)
-            job.prepare_norms(rows_per_tile)
-            codec.begin(job, rows_per_tile)
-            for i, (r0, r1) in enumerate(_tiles(job.matrix.shape[0], rows_per_tile)):
-                if options.on_tile is not None:
-                    options.on_tile(key, i, r1 - r0)
-                job.run_tile(r0, r1)
-                report.tile_rows_max = max(report.tile_rows_max, r1 - r0)
-                report.peak_tile_bytes = max(report.peak_tile_bytes, working_bytes(r1 - r0, cols, blocks))
-            codec.commit()
-            job.release_terms()
-            finished.append(job)
-            job = None
+            with _threads(arithmetic):
+                jobs.append(_KeyJob(key, weight, old, new, state.journals.get(key), codec, arithmetic, new_state,
+                                    options.exact_undo))
+                _run_job(jobs[-1], budget, options, report, state.fingerprints.get(key))
             done += weight.numel()
             if options.progress is not None:
                 options.progress(done, total)
-    except BaseException:
-        if job is not None:
-            job.rollback()
-        for earlier in reversed(finished):
-            earlier.rollback()
+    except BaseException as error:
+        _roll_back(jobs, error)
         raise
-    for job in finished:
-        journal = job.finished_journal()
-        if journal is None:
-            new_state.journals.pop(job.key, None)
+    _finish(new_state, jobs, new_terms, report)
+    return new_state
+
+
+def _finish(new_state: MergeState, jobs: list[_KeyJob], new_terms, report: MergeReport) -> None:
+    """Record, per weight, what the next call needs to undo this one."""
+    for job in jobs:
+        if job.keeps_terms:
+            new_state.journals[job.key] = job.finished_journal()
+            new_state.fingerprints[job.key] = job.base_print.cpu()
+            new_state.arithmetic[job.key] = job.arithmetic
         else:
-            new_state.journals[job.key] = journal
+            for table in (new_state.journals, new_state.fingerprints, new_state.arithmetic):
+                table.pop(job.key, None)
         report.keys += 1
         report.elements += job.weight.numel()
     live = {(k, id(a)) for k, terms in new_terms.items() for a, _ in terms}
     new_state.dora_norms = {k: v for k, v in new_state.dora_norms.items() if k in live}
     report.journal_bytes = new_state.journal_bytes
-    return new_state
