@@ -449,7 +449,20 @@ class DoRA(Adapter):
         self.inner.add_delta(combined, start, stop, 1.0)
         return combined
 
+    @property
+    def norms(self) -> torch.Tensor | None:
+        """Σ (W + ΔW)² per column (float64) once accumulated; the merge state keeps it for undo."""
+        return self._sumsq
+
+    def use_norms(self, sumsq: torch.Tensor | None) -> None:
+        """Take column norms accumulated earlier (undo must normalise exactly as the merge did)."""
+        self._sumsq = sumsq
+
+    def reset_norms(self) -> None:
+        self._sumsq = None
+
     def accumulate_norms(self, start: int, stop: int, base: torch.Tensor) -> None:
+        """Add rows [start, stop) of W + ΔW (W = `base`, fp32) to the per-column norms."""
         if not self.per_column:
             return
         # float64 so the sum does not depend on how the rows were tiled

@@ -1,4 +1,5 @@
-"""What exact undo keeps per weight: the sparse journal and a fingerprint of the bits undo must give back.
+"""What exact undo keeps per weight: the sparse journal, a fingerprint of the bits undo must give back, and the
+arithmetic (device, CPU threads) the change was computed with.
 
 The journal holds only the elements that `round(merged − ΔW)` misses, so it is exact only when ΔW is
 recomputed bit for bit as it was at merge time. The fingerprint is the check that it was: a few int64
@@ -7,6 +8,8 @@ sums over the bit pattern, computed on the device tile by tile (no host synchron
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,31 +93,66 @@ class Journal:
         return torch.cat(indices), torch.cat(values)
 
 
-_MIX_CACHE: dict[tuple[int, int, str], torch.Tensor] = {}
+@dataclass(frozen=True)
+class Arithmetic:
+    """Where a weight's change was computed, and with how many CPU threads: undo must compute it the same way."""
+
+    device: str
+    threads: int | None = None  # CPU intra-op threads (None on an accelerator)
+
+    @classmethod
+    def on(cls, device: torch.device) -> Arithmetic:
+        return cls(str(device), torch.get_num_threads() if device.type == "cpu" else None)
+
+    def available(self) -> bool:
+        device = torch.device(self.device)
+        if device.type == "cpu":
+            return True
+        backend = getattr(torch, device.type, None)
+        if backend is None or not backend.is_available():
+            return False
+        return device.index is None or device.index < backend.device_count()
 
 
-def _mix(start: int, stop: int, salt: int, device: torch.device) -> torch.Tensor:
-    """Fixed pseudo-random multipliers in [1, 32749] for positions [start, stop) (cached per device)."""
-    key = (stop - start, salt, str(device))
+@contextmanager
+def threads_of(arithmetic: Arithmetic) -> Iterator[None]:
+    """Run with the CPU thread count the arithmetic records (a matmul's blocking can depend on it)."""
+    previous = torch.get_num_threads()
+    change = arithmetic.threads is not None and arithmetic.threads != previous
+    if change:
+        torch.set_num_threads(arithmetic.threads)
+    try:
+        yield
+    finally:
+        if change:
+            torch.set_num_threads(previous)
+
+
+_MIX_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def _mix(start: int, stop: int, salt: int, device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Fixed pseudo-random multipliers in [1, 32749] for positions [start, stop) (cached from 0, per device)."""
+    key = (stop - start, salt, str(device), dtype)
     cached = _MIX_CACHE.get(key) if start == 0 else None
     if cached is not None:
         return cached
     mix = (torch.arange(start, stop, dtype=torch.int64, device=device) * (40503 + 2 * salt) + salt) % 32749 + 1
+    mix = mix.to(dtype)
     if start == 0:
         _MIX_CACHE[key] = mix
     return mix
 
 
 def fingerprint(rows: torch.Tensor, row0: int) -> torch.Tensor:
-    """Two int64 sums over the bits of `rows` (rows row0.. of one weight), on its device; add tiles' results.
+    """Σ_r a_r Σ_c b_c bits[r, c] (int64, wrapping) over `rows` (rows row0.. of one weight), on its device.
 
-    (Σ bits, Σ_r a_r Σ_c b_c bits[r, c]) with fixed multipliers a, b: the plain sum sees any single changed
-    element, the bilinear one any pattern of changes short of a deliberate one (no ±1 ulp errors that cancel).
+    Fixed multipliers a (per row) and b (per 16-bit column) in [1, 32749]: any single changed element
+    changes the sum, and so does any pattern of changes short of a deliberate one (±1 ulp errors do not
+    cancel as they can in plain row and column sums). Tiles' results add up to the whole weight's. The
+    per-row sums are float64 matrix-vector products of integers below 2^53, so exact in any order.
     """
     matrix = rows.reshape(rows.shape[0], -1) if rows.dim() != 2 else rows
-    wide = torch.int32 if matrix.element_size() <= 2 else torch.int64
-    ints = matrix.view(_INT_OF_SIZE[matrix.element_size()]).to(wide)
-    total = ints.sum(dtype=torch.int64)
-    ints.mul_(_mix(0, matrix.shape[1], 1, matrix.device))
-    weighted = ints.sum(1, dtype=torch.int64).mul_(_mix(row0, row0 + matrix.shape[0], 2, matrix.device)).sum()
-    return torch.stack([total, weighted])
+    bits = matrix.view(torch.uint8 if matrix.element_size() == 1 else torch.int16)  # 32-bit: two halves
+    per_row = torch.mv(bits.to(torch.float64), _mix(0, bits.shape[1], 1, matrix.device, torch.float64))
+    return per_row.to(torch.int64).mul_(_mix(row0, row0 + bits.shape[0], 2, matrix.device)).sum().reshape(1)

@@ -18,23 +18,17 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
-from .adapters import ROW_BLOCK, Adapter, DoRA
+from . import rows
+from .adapters import ROW_BLOCK, DoRA
 from .errors import LoRAOpsError, ModelMismatchError, UndoError
 from .flux import strip_model_prefix
 from .formats import LoRAFile, check_fits
-from .journal import Journal, differing_bits, fingerprint
-
-DEFAULT_TILE_BYTES = 64 * 1024 * 1024
-MIN_TILE_ROWS = 32
-#: fp32 buffers alive per tile row: stored→fp32, base, sum of deltas, two adapter scratch, recovery.
-_FP32_BUFFERS = 6
-
-Term = tuple[Adapter, float]
+from .journal import Arithmetic, Journal, differing_bits, fingerprint, threads_of
+from .rows import DEFAULT_TILE_BYTES, Term, tile_budget, tile_rows_for, working_bytes  # noqa: F401 (planner, bench)
 
 
 class Codec:
@@ -46,8 +40,8 @@ class Codec:
     `role` names the encoding meant, for codecs whose encoding changes during a merge (an fp8 weight
     that gets a fresh scale): "current" = the bits stored before this call writes them, "new" = what
     this call writes, "base" = the original, LoRA-free weight (the journal's truth). Hooks, once per
-    weight: `begin` after DoRA norms and before the first tile is written (`job.merged_rows(r0, r1)`
-    already gives the fp32 result), `commit` after its last tile, `rollback` after its tiles were undone.
+    weight: `begin` after DoRA norms and before the first tile is written, `commit` after its last tile,
+    `rollback` after its tiles were undone.
     """
 
     def __init__(self, dtype: torch.dtype) -> None:
@@ -59,49 +53,16 @@ class Codec:
     def encode(self, values: torch.Tensor, key: str, row0: int, role: str = "new") -> torch.Tensor:
         return values.to(self.dtype)
 
-    def begin(self, job: _KeyJob, tile_rows: int) -> None:
-        pass
+    def begin(self, merged: Callable[[], Iterator[tuple[int, torch.Tensor]]] | None, had_terms: bool,
+              kept: dict[str, object]) -> None:
+        """`merged()` yields (first row, fp32 rows as this call will write them) per tile (None: the weight is
+        being restored); `had_terms`: the weight holds LoRA terms now; `kept`: what codecs keep between calls."""
 
     def commit(self) -> None:
         pass
 
     def rollback(self) -> None:
         pass
-
-
-@dataclass(frozen=True)
-class Arithmetic:
-    """Where a weight's change was computed, and with how many CPU threads: undo must compute it the same way."""
-
-    device: str
-    threads: int | None = None  # CPU intra-op threads (None on an accelerator)
-
-    @classmethod
-    def on(cls, device: torch.device) -> Arithmetic:
-        return cls(str(device), torch.get_num_threads() if device.type == "cpu" else None)
-
-    def available(self) -> bool:
-        device = torch.device(self.device)
-        if device.type == "cpu":
-            return True
-        backend = getattr(torch, device.type, None)
-        if backend is None or not backend.is_available():
-            return False
-        return device.index is None or device.index < backend.device_count()
-
-
-@contextmanager
-def _threads(arithmetic: Arithmetic):
-    """Run with the CPU thread count the arithmetic records (a matmul's blocking can depend on it)."""
-    previous = torch.get_num_threads()
-    change = arithmetic.threads is not None and arithmetic.threads != previous
-    if change:
-        torch.set_num_threads(arithmetic.threads)
-    try:
-        yield
-    finally:
-        if change:
-            torch.set_num_threads(previous)
 
 
 @dataclass
@@ -204,16 +165,16 @@ class _KeyJob:
         self.new_journal = Journal()
         self.undo_journal = Journal()
         self.written: list[tuple[int, int]] = []
-        zeros = torch.zeros(2, dtype=torch.int64, device=device)
+        zeros = torch.zeros(1, dtype=torch.int64, device=device)
         self.base_print, self.before_print = zeros, zeros.clone()  # fingerprints of the written rows
         self.load_terms()
 
     def load_terms(self) -> None:
         """fp32 copies of this weight's adapters on the compute device (with known DoRA norms)."""
-        self.old, self.new = ([(a.on(self.device), c, a) for a, c in terms] for terms in self._sources)
-        for dev_adapter, _, original in self.old + self.new:
+        self.old, self.new = ([(a.on(self.device), c) for a, c in terms] for terms in self._sources)
+        for (dev_adapter, _), (original, _) in zip(self.old + self.new, [*self._sources[0], *self._sources[1]]):
             if isinstance(dev_adapter, DoRA):
-                dev_adapter._sumsq = self.state.dora_norms.get((self.key, id(original)))
+                dev_adapter.use_norms(self.state.dora_norms.get((self.key, id(original))))
 
     @property
     def keeps_terms(self) -> bool:
@@ -226,16 +187,7 @@ class _KeyJob:
 
     # --- deltas -------------------------------------------------------------------------------
     def _delta(self, terms, r0: int, r1: int, base: torch.Tensor | None) -> torch.Tensor:
-        """Σ coeff·change over rows [r0, r1), fp32; `base` only matters for base-dependent kinds."""
-        out = torch.zeros((r1 - r0, self.matrix.shape[1]), dtype=torch.float32, device=self.device)
-        for adapter, coeff, _ in terms:
-            a0 = max(r0, adapter.row_offset)
-            a1 = min(r1, adapter.row_offset + adapter.shape[0])
-            if a0 >= a1:
-                continue
-            b = base[a0 - r0 : a1 - r0] if base is not None else None
-            adapter.add_delta(out[a0 - r0 : a1 - r0], a0 - adapter.row_offset, a1 - adapter.row_offset, coeff, b)
-        return out
+        return rows.delta(terms, r0, r1, self.matrix.shape[1], self.device, base)
 
     def _before(self, stored: torch.Tensor, terms, linear: bool, r0: int, r1: int,
                 delta: torch.Tensor | None = None) -> torch.Tensor:
@@ -273,28 +225,25 @@ class _KeyJob:
         base, _ = self.base_rows(r0, r1)
         return base + self._delta(self.new, r0, r1, base)
 
-    def prepare_norms(self, tile_rows: int) -> None:
-        doras = [a for a, _, _ in self.new if isinstance(a, DoRA) and a.per_column]
-        if not doras:
-            return
-        for d in doras:
-            d._sumsq = None  # computed afresh over this weight's base rows
-        for r0, r1 in _tiles(self.matrix.shape[0], tile_rows):
+    def merged_tiles(self, tile_rows: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row, fp32 rows as this call will write them, before rounding) per tile; writes nothing."""
+        for r0, r1 in rows.tiles(self.matrix.shape[0], tile_rows):
             base, _ = self.base_rows(r0, r1)
-            for d in doras:
-                a0, a1 = max(r0, d.row_offset), min(r1, d.row_offset + d.shape[0])
-                if a0 < a1:
-                    d.accumulate_norms(a0 - d.row_offset, a1 - d.row_offset, base[a0 - r0 : a1 - r0])
-        for dev_adapter, _, original in self.new:
-            if isinstance(dev_adapter, DoRA):
-                self.state.dora_norms[(self.key, id(original))] = dev_adapter._sumsq
+            yield r0, base + self._delta(self.new, r0, r1, base)
+
+    def prepare_norms(self, tile_rows: int) -> None:
+        """Per-column DoRA norms over this weight's original rows, kept in the state for undo."""
+        doras = rows.accumulate_dora_norms(self.new, self.matrix.shape[0], tile_rows,
+                                           lambda r0, r1: self.base_rows(r0, r1)[0])
+        for (dev_adapter, _), (original, _) in zip(self.new, self._sources[1]):
+            if dev_adapter in doras:
+                self.state.dora_norms[(self.key, id(original))] = dev_adapter.norms
 
     def run_tile(self, r0: int, r1: int) -> None:
         current_stored = self.matrix[r0:r1].to(self.device, copy=True) if self.old else None
         base, base_stored = self.base_rows(r0, r1)
         base_print = fingerprint(base_stored, r0)
-        self.base_print += base_print
-        self.before_print += fingerprint(current_stored, r0) if self.old else base_print
+        before_print = fingerprint(current_stored, r0) if self.old else base_print
         delta = self._delta(self.new, r0, r1, base)
         # No new terms: write the recovered original bits themselves (base + 0 would turn -0 into +0).
         out_stored = self.codec.encode(base + delta, self.key, r0, "new") if self.new else base_stored.clone()
@@ -309,6 +258,8 @@ class _KeyJob:
                 self._record(self.undo_journal, before + old_delta, current_stored, r0, "current")
         self.matrix[r0:r1].copy_(out_stored)
         self.written.append((r0, r1))
+        self.base_print += base_print  # only for rows written: a rollback checks exactly those
+        self.before_print += before_print
 
     def _record(self, journal: Journal, estimate: torch.Tensor, truth: torch.Tensor, r0: int, role: str) -> None:
         recovered = self.codec.encode(estimate, self.key, r0, role)
@@ -362,8 +313,8 @@ class _KeyJob:
 
     def _print_of_rows(self, stop: int) -> torch.Tensor:
         """Fingerprint of rows [0, stop) as stored now, 256 rows at a time on the CPU (cannot run out of VRAM)."""
-        total = torch.zeros(2, dtype=torch.int64)
-        for r0, r1 in _tiles(stop, ROW_BLOCK):
+        total = torch.zeros(1, dtype=torch.int64)
+        for r0, r1 in rows.tiles(stop, ROW_BLOCK):
             total += fingerprint(self.matrix[r0:r1].cpu(), r0)
         return total
 
@@ -385,27 +336,6 @@ def _retry_out_of_memory(step: Callable[[], None], device: torch.device) -> None
             raise
         _free_cache(device)
         step()
-
-
-def _tiles(rows: int, tile_rows: int) -> Iterator[tuple[int, int]]:
-    for r0 in range(0, rows, tile_rows):
-        yield r0, min(rows, r0 + tile_rows)
-
-
-def working_bytes(rows: int, cols: int, blocks: int) -> int:
-    """fp32 working memory of one tile: its buffers plus one cached row block per adapter term."""
-    return (rows * _FP32_BUFFERS + blocks * ROW_BLOCK) * cols * 4
-
-
-def tile_rows_for(cols: int, tile_bytes: int, blocks: int = 1) -> int:
-    """Rows per tile so that `working_bytes` fits in `tile_bytes`.
-
-    Whole multiples of the adapters' row block where the budget allows, so no block's change is
-    computed twice at a tile boundary. Never fewer than MIN_TILE_ROWS: below that the per-tile
-    overhead dominates and the row blocks (which cannot shrink) dominate the memory anyway.
-    """
-    rows = max(MIN_TILE_ROWS, (tile_bytes // (4 * max(cols, 1)) - blocks * ROW_BLOCK) // _FP32_BUFFERS)
-    return rows - rows % ROW_BLOCK if rows >= ROW_BLOCK else rows
 
 
 def merge_loras(
@@ -430,7 +360,8 @@ def merge_loras(
         if not math.isfinite(float(strength)):
             raise LoRAOpsError(f"{lora.path}: strength {strength} is not a finite number; use a value such as 0.8")
     options = options or MergeOptions()
-    budget = tile_bytes or options.tile_bytes or DEFAULT_TILE_BYTES
+    requested = tile_bytes or options.tile_bytes
+    budget = tile_budget(torch.device(options.compute_device or _first_device(target)), requested)
     report = report if report is not None else MergeReport()
     while True:
         try:
@@ -444,6 +375,13 @@ def merge_loras(
             report.retries += 1
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+
+
+def _first_device(target) -> torch.device:
+    """Where the weights live (for the default tile budget): the first tensor's device."""
+    for tensor in weight_map(target).values():
+        return tensor.device
+    return torch.device("cpu")
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -496,8 +434,9 @@ def _run_job(job: _KeyJob, budget: int, options: MergeOptions, report: MergeRepo
     blocks = len(job.old) + len(job.new)
     rows_per_tile = tile_rows_for(cols, budget, blocks)
     job.prepare_norms(rows_per_tile)
-    job.codec.begin(job, rows_per_tile)
-    for i, (r0, r1) in enumerate(_tiles(job.matrix.shape[0], rows_per_tile)):
+    merged = (lambda: job.merged_tiles(rows_per_tile)) if job.new else None
+    job.codec.begin(merged, bool(job.old), job.state.codec_state)
+    for i, (r0, r1) in enumerate(rows.tiles(job.matrix.shape[0], rows_per_tile)):
         if options.on_tile is not None:
             options.on_tile(job.key, i, r1 - r0)
         job.run_tile(r0, r1)
@@ -513,7 +452,7 @@ def _roll_back(jobs: list[_KeyJob], error: BaseException) -> None:
     failed = []
     for job in reversed(jobs):
         try:
-            with _threads(job.arithmetic):
+            with threads_of(job.arithmetic):
                 job.rollback()
         except BaseException:  # keep rolling the others back
             failed.append(job.key)
@@ -546,7 +485,7 @@ def _merge_once(
             old, new = old_terms.get(key, []), new_terms.get(key, [])
             arithmetic = _arithmetic_for(key, weight, state, bool(old), options)
             codec = options.codec_for(key, weight) if options.codec_for else Codec(weight.dtype)
-            with _threads(arithmetic):
+            with threads_of(arithmetic):
                 jobs.append(_KeyJob(key, weight, old, new, state.journals.get(key), codec, arithmetic, new_state,
                                     options.exact_undo))
                 _run_job(jobs[-1], budget, options, report, state.fingerprints.get(key))

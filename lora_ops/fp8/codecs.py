@@ -49,20 +49,18 @@ class ScaledFP8Codec(Codec):
             return round_fp8(scaled, "stochastic", self.seed32, row0 * cols, self.dtype)
         return round_fp8(scaled, "nearest", dtype=self.dtype)
 
-    def begin(self, job, tile_rows: int) -> None:
-        states = job.state.codec_state
+    def begin(self, merged, had_terms: bool, kept: dict[str, object]) -> None:
         entry_key = f"fp8_base_scale:{self.key}"
-        self.base = float(states.get(entry_key, self.current)) if job.old else self.current
-        if not job.new:
+        self.base = float(kept.get(entry_key, self.current)) if had_terms else self.current
+        if merged is None:
             self.new = self.base
-            states.pop(entry_key, None)
+            kept.pop(entry_key, None)
             return
         amax = 0.0
-        for r0 in range(0, job.matrix.shape[0], tile_rows):
-            r1 = min(job.matrix.shape[0], r0 + tile_rows)
-            amax = max(amax, _check_finite_tile(job.merged_rows(r0, r1), self.key, r0, True))
+        for r0, tile in merged():
+            amax = max(amax, _check_finite_tile(tile, self.key, r0, True))
         self.new = fresh_scale(amax, self.scale_mode, self.dtype)
-        states[entry_key] = self.base
+        kept[entry_key] = self.base
 
     def commit(self) -> None:
         with torch.no_grad():

@@ -9,8 +9,9 @@ import torch
 
 from ..errors import ModelMismatchError
 from ..flux import strip_model_prefix
+from ..rows import DEFAULT_TILE_BYTES, FP8_BUFFERS, tile_rows_for, tiles
 from .checkpoint import FP8Checkpoint, load_fp8_state_dict
-from .merged_rows import Term, _check_finite_tile, _tile_rows, _tiles, merge_rows_to, quantize_merged
+from .merged_rows import Term, _check_finite_tile, merge_rows_to, quantize_merged
 from .policies import FP8Policy, get_policy
 from .quantize import E4M3, FP8_MAX, FP8FormatError, check_rounding, check_scale, is_fp8, round_fp8
 
@@ -223,8 +224,8 @@ def cast_module_fp8(
         w = m.weight.data
         if not w.dtype.is_floating_point:
             raise FP8FormatError(f"{key!r} has dtype {w.dtype}; only float weights can be cast to fp8")
-        tile_rows = _tile_rows(w.shape[1], tile_bytes)
-        for r0, r1 in _tiles(w.shape[0], tile_rows):
+        tile_rows = tile_rows_for(w.shape[1], tile_bytes or DEFAULT_TILE_BYTES, 0, FP8_BUFFERS)
+        for r0, r1 in tiles(w.shape[0], tile_rows):
             _check_finite_tile(w[r0:r1].float(), key, r0, False)
     report = CastReport()
     for name, key, m in chosen:

@@ -7,49 +7,39 @@ scale), pass 2 recomputes each tile and rounds it once. Extra memory is a few fp
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 
-from ..adapters import Adapter, DoRA
 from ..errors import LoRAFormatError, ModelMismatchError
+from ..rows import DEFAULT_TILE_BYTES, FP8_BUFFERS, Term, accumulate_dora_norms, add_terms, tile_rows_for, tiles
 from .quantize import E4M3, FP8FormatError, check_rounding, fresh_scale, key_seed, round_fp8
 
-DEFAULT_TILE_BYTES = 64 * 1024 * 1024
-#: fp32-sized buffers alive per tile element (base, merged, scaled, stochastic-rounding temporaries).
-_TILE_BUFFERS = 12
-
-Term = tuple[Adapter, float]
-
-
-def _tile_rows(cols: int, tile_bytes: int | None) -> int:
-    return max(1, (tile_bytes or DEFAULT_TILE_BYTES) // (_TILE_BUFFERS * 4 * max(cols, 1)))
+__all__ = ["DEFAULT_TILE_BYTES", "Term", "merge_rows_to", "quantize", "quantize_merged"]
 
 
 class _Rows:
     """fp32 rows of base + Σ coeff·ΔW for one weight, computed tile by tile (no full fp32 copy)."""
 
-    def __init__(self, weight: torch.Tensor, terms: Sequence[Term], key: str, device, in_scale, tile_rows: int):
+    def __init__(self, weight: torch.Tensor, terms: Sequence[Term], key: str, device, in_scale,
+                 tile_bytes: int | None):
         self.key = key
         self.matrix = weight if weight.dim() == 2 else weight.reshape(weight.shape[0], -1)
         self.device = torch.device(device) if device is not None else weight.device
         self.in_scale = None if in_scale is None else torch.as_tensor(in_scale, dtype=torch.float32).to(self.device)
         self.terms = [(a.on(self.device), float(c)) for a, c in terms if c != 0.0]
-        cols = self.matrix.shape[1]
+        rows, cols = self.matrix.shape
         for a, _ in self.terms:
-            if a.shape[1] != cols or a.row_offset + a.shape[0] > self.matrix.shape[0]:
+            if a.shape[1] != cols or a.row_offset + a.shape[0] > rows:
                 raise ModelMismatchError(
                     f"{a.source_keys[0]!r} makes a {a.shape[0]}x{a.shape[1]} change at row {a.row_offset} of "
                     f"{key!r}, which has shape {tuple(weight.shape)}"
                 )
-        doras = [a for a, _ in self.terms if isinstance(a, DoRA) and a.per_column]
-        if doras:
-            for r0, r1 in _tiles(self.matrix.shape[0], tile_rows):
-                base = self.base(r0, r1)
-                for d in doras:
-                    a0, a1 = max(r0, d.row_offset), min(r1, d.row_offset + d.shape[0])
-                    if a0 < a1:
-                        d.accumulate_norms(a0 - d.row_offset, a1 - d.row_offset, base[a0 - r0 : a1 - r0])
+        self.tile_rows = tile_rows_for(cols, tile_bytes or DEFAULT_TILE_BYTES, len(self.terms), FP8_BUFFERS)
+        accumulate_dora_norms(self.terms, rows, self.tile_rows, self.base)
+
+    def tiles(self):
+        return tiles(self.matrix.shape[0], self.tile_rows)
 
     def base(self, r0: int, r1: int) -> torch.Tensor:
         rows = self.matrix[r0:r1].to(self.device).to(torch.float32)
@@ -61,17 +51,8 @@ class _Rows:
     def merged(self, r0: int, r1: int) -> torch.Tensor:
         base = self.base(r0, r1)
         out = base.clone() if self.terms else base
-        for adapter, coeff in self.terms:
-            a0, a1 = max(r0, adapter.row_offset), min(r1, adapter.row_offset + adapter.shape[0])
-            if a0 < a1:
-                adapter.add_delta(out[a0 - r0 : a1 - r0], a0 - adapter.row_offset, a1 - adapter.row_offset, coeff,
-                                  base[a0 - r0 : a1 - r0])
+        add_terms(out, self.terms, r0, r1, base)
         return out
-
-
-def _tiles(rows: int, tile_rows: int) -> Iterator[tuple[int, int]]:
-    for r0 in range(0, rows, tile_rows):
-        yield r0, min(rows, r0 + tile_rows)
 
 
 def _check_finite_tile(tile: torch.Tensor, key: str, r0: int, has_terms: bool) -> float:
@@ -109,15 +90,13 @@ def quantize_merged(
     check_rounding(rounding)
     for a, _ in terms:
         a.validate(key or None)
-    cols = weight.reshape(weight.shape[0], -1).shape[1] if weight.dim() else 1
-    tile_rows = _tile_rows(cols, tile_bytes)
-    rows = _Rows(weight if weight.dim() else weight.reshape(1), terms, key, device, weight_scale, tile_rows)
-    n = rows.matrix.shape[0]
+    rows = _Rows(weight if weight.dim() else weight.reshape(1), terms, key, device, weight_scale, tile_bytes)
+    n, cols = rows.matrix.shape
     cached = None
     checked = scale is None  # pass 1 checks finiteness; with a given scale pass 2 does
     if scale is None:
         amax = 0.0
-        for r0, r1 in _tiles(n, tile_rows):
+        for r0, r1 in rows.tiles():
             tile = rows.merged(r0, r1)
             amax = max(amax, _check_finite_tile(tile, key, r0, bool(rows.terms)))
             if r1 - r0 == n:
@@ -129,7 +108,7 @@ def quantize_merged(
     s = torch.tensor(scale, dtype=torch.float32)
     inv_exact = math.log2(scale).is_integer()  # multiplying by 1/scale is exact only for powers of two
     seed32 = key_seed(key, seed)
-    for r0, r1 in _tiles(n, tile_rows):
+    for r0, r1 in rows.tiles():
         tile = cached if cached is not None else rows.merged(r0, r1)
         if not checked:
             _check_finite_tile(tile, key, r0, bool(rows.terms))
@@ -145,11 +124,9 @@ def merge_rows_to(weight: torch.Tensor, terms: Sequence[Term], dtype: torch.dtyp
         a.validate(key or None)
     if weight.dim() == 0:
         weight = weight.reshape(1)
-    cols = weight.reshape(weight.shape[0], -1).shape[1]
-    tile_rows = _tile_rows(cols, tile_bytes)
-    rows = _Rows(weight, terms, key, device, weight_scale, tile_rows)
+    rows = _Rows(weight, terms, key, device, weight_scale, tile_bytes)
     out = torch.empty(rows.matrix.shape, dtype=dtype, device=rows.device)
-    for r0, r1 in _tiles(rows.matrix.shape[0], tile_rows):
+    for r0, r1 in rows.tiles():
         tile = rows.merged(r0, r1)
         if rows.terms:
             _check_finite_tile(tile, key, r0, True)
