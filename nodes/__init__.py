@@ -24,7 +24,10 @@ if not force_v1():
         V3_ERROR = str(e)
         comfy_entrypoint = None
 
+from .compat import check_at_registration  # noqa: E402
 from .v1 import V1_DISPLAY_NAMES, V1_NODES  # noqa: E402
+
+check_at_registration()
 
 API = "v3" if comfy_entrypoint is not None else "v1"
 

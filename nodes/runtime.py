@@ -10,6 +10,7 @@ import dataclasses
 from collections.abc import Iterable
 
 from ..lora_ops import LoRAOpsError, block_counts, parse_block_spec
+from .compat import require_supported
 from .lifecycle import apply_plan
 from .model_view import check_model, original_params
 from .plan import ATTACHMENT, FP8Step, MergePlan, StackEntry, record_of
@@ -22,6 +23,7 @@ def attach_plan(model, entries: Iterable[StackEntry], compute: str = "auto", til
     entries = tuple(entries)
     if not entries:
         return model
+    require_supported()
     check_model(model, entries)
     entries = with_model_block_weights(model, entries)
     previous = model.attachments.get(ATTACHMENT)
@@ -54,6 +56,7 @@ def with_model_block_weights(model, entries: tuple[StackEntry, ...]) -> tuple[St
 
 def attach_fp8(model, policy: str = "default", rounding: str = "nearest", fp8_matmul: bool = False):
     """A clone of `model` whose selected Linears are cast to fp8 at load, after merging its LoRA stack."""
+    require_supported()
     check_model(model, ())
     previous = model.attachments.get(ATTACHMENT)
     step = FP8Step(policy, rounding, bool(fp8_matmul), ())
