@@ -13,7 +13,7 @@ from .blocks import (
     parse_block_spec,
     with_block_weights,
 )
-from .errors import LoRAFormatError, LoRAFormatWarning, LoRAOpsError, ModelMismatchError, UnsafeFileError
+from .errors import LoRAFormatError, LoRAFormatWarning, LoRAOpsError, ModelMismatchError, UndoError, UnsafeFileError
 from .flux import FLUX_DEV, FLUX_SCHNELL, FluxShape, flux_weight_shapes
 from .formats import Coverage, LoRAFile, check_fits, load_lora
 from .merge import MergeOptions, MergeReport, MergeState, merge_loras, restore, terms_by_target
@@ -41,6 +41,7 @@ __all__ = [
     "MergeState",
     "ModelMismatchError",
     "ResizeReport",
+    "UndoError",
     "UnsafeFileError",
     "block_counts",
     "blocks_touched",

@@ -62,7 +62,7 @@ import comfy.model_management
 import comfy.utils
 import torch
 
-from ..lora_ops import LoRAFile, MergeOptions, MergeState
+from ..lora_ops import LoRAFile, MergeOptions, MergeState, UndoError
 from . import quantized
 from .dynamic import is_dynamic, load_dynamic, saved_weight
 from .fp8_slots import fill_slots, make_step, release_slots, slot_numel
@@ -136,11 +136,17 @@ def undo(model) -> None:
         return
     try:
         _restore(live_weights(model), rec.state, options=_options(rec.compute_device, rec.tile_bytes, False))
+    except UndoError as error:
+        # The undo would not give back the original bits (or could not be rolled back): never serve them as the
+        # base model. The record stays, so the module keeps saying what it holds; the user must reload the model.
+        log.error("Flux LoRA Ops: %s weights cannot be restored exactly (%s); reload the model", rec.names, error)
+        raise
     except Exception:
-        # The engine rolled back, so the weights still hold the stack. ComfyUI forgets its backups after this
-        # call, so leaving them merged would hand them to other branches: retry on the CPU with small tiles
-        # (exact unless the merge ran on another device, then off by at most an ulp where rounding differs).
-        log.exception("Flux LoRA Ops: taking %s out failed; retrying on the CPU", rec.names)
+        # The engine rolled back exactly (checked), so the weights still hold the stack. ComfyUI forgets its
+        # backups after this call, so leaving them merged would hand them to other branches: retry with small
+        # tiles. The engine recomputes with the merge's own device and threads and checks the result against the
+        # original bits' fingerprint: exact, or UndoError.
+        log.exception("Flux LoRA Ops: taking %s out failed; retrying with small tiles", rec.names)
         _restore(live_weights(model), rec.state, options=_options(torch.device("cpu"), 4 << 20, False))
     if rec.fp8 is not None:
         release_slots(rec.fp8)

@@ -46,6 +46,24 @@ def test_free_and_unload_restore_base(comfy, rt, plain, base, loras):
     assert_equal(weights(plain), base)
 
 
+def test_undo_that_would_not_give_back_the_base_raises_and_keeps_the_record(lc, comfy, pack, rt, plain, base, loras):
+    """A failed undo check (here: the recorded fingerprint of one weight no longer matches) is never retried into
+    weights that only look restored: the error names the weight and the module keeps its record."""
+    merged = rt.attach_plan(plain, [entry(rt, loras["a"], 0.8)])
+    load(comfy, merged)
+    state = lc.record_of(plain.model).state
+    key = sorted(state.fingerprints)[0]
+    true_print = state.fingerprints[key]
+    state.fingerprints[key] = true_print + 1
+    with pytest.raises(pack.lora_ops.UndoError, match=re.escape(key)):
+        lc.undo(plain.model)
+    assert lc.record_of(plain.model) is not None
+    assert_equal(weights(merged), fresh_merge(pack, base, [(loras["a"], 0.8)]))
+    state.fingerprints[key] = true_print  # the model file "reloaded": the next undo is exact again
+    load(comfy, plain)
+    assert_equal(weights(plain), base)
+
+
 def test_strength_change_is_one_pass_in_place(lc, comfy, pack, rt, plain, base, loras, monkeypatch):
     undos = []
     real_undo = lc.undo
