@@ -173,3 +173,32 @@ def core_lora(plain, keys, seed=7, strength=1.0):
     clone = plain.clone()
     clone.add_patches(patches, strength)
     return clone, {k: d.to(torch.bfloat16).float() * strength for k, d in deltas.items()}
+
+
+#: A CPU device that ComfyUI does not take for "cpu" by equality (a GPU would not be either).
+CPU0 = torch.device("cpu", 0)
+
+
+class _HostBuffer:
+    """comfy_aimdo.host_buffer.HostBuffer without CUDA: nothing is pinned."""
+
+    size = 0
+
+    def __init__(self, *_args, **_kwargs) -> None:
+        pass
+
+    def truncate(self, *_args, **_kwargs) -> None:
+        pass
+
+
+def force_dynamic_on_cpu(comfy, setattr_=setattr) -> None:
+    """Let ModelPatcherDynamic run on the CPU (load device CPU0): ComfyUI's `__new__` hands back the plain patcher
+    for CPU devices and comfy_aimdo needs CUDA, so the class is forced, aimdo's host buffers are stubbed and there is
+    no VRAM arena (what `_vbar_get` gives a CPU device). Everything else is ComfyUI's own code. `setattr_` lets a test
+    pass monkeypatch.setattr."""
+    import comfy_aimdo.host_buffer
+
+    mpd = comfy.model_patcher.ModelPatcherDynamic
+    setattr_(comfy_aimdo.host_buffer, "HostBuffer", _HostBuffer)
+    setattr_(mpd, "__new__", lambda cls, *a, **k: object.__new__(cls))
+    setattr_(mpd, "_vbar_get", lambda self, create=False: None)

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from inprocess import build_model, core_lora, entry, fresh_merge, load, make_loras
+from inprocess import CPU0, build_model, core_lora, entry, force_dynamic_on_cpu, fresh_merge, load, make_loras
 from lora_factory import TINY, base_state_dict
 
 pytestmark = pytest.mark.comfyui_has("comfy/model_patcher.py", "class ModelPatcherDynamic")
 
-CPU0 = torch.device("cpu", 0)  # a CPU device ComfyUI does not treat as "cpu" by equality, as a GPU would not be
 #: Wide enough that ComfyUI pages most layers (> 16 KiB: cast-time merge) and loads the small ones whole (copies).
 WIDE = type(TINY)(**{**TINY.__dict__, "hidden": 128, "depth": 1, "depth_single": 1})
 
@@ -34,30 +33,13 @@ def loras(tmp_path_factory, pack, base):
     return make_loras(tmp_path_factory.mktemp("wide_loras"), pack, WIDE, base)
 
 
-class _HostBuffer:
-    """comfy_aimdo.host_buffer.HostBuffer without CUDA: nothing is pinned."""
-
-    size = 0
-
-    def __init__(self, *_args, **_kwargs) -> None:
-        pass
-
-    def truncate(self, *_args, **_kwargs) -> None:
-        pass
-
-
 @pytest.fixture
 def dyn(comfy, base, monkeypatch):
-    """A ModelPatcherDynamic over a fresh tiny model (what UNETLoader returns with dynamic VRAM on)."""
-    import comfy_aimdo.host_buffer
-
-    mpd = comfy.model_patcher.ModelPatcherDynamic
-    monkeypatch.setattr(comfy_aimdo.host_buffer, "HostBuffer", _HostBuffer)
-    monkeypatch.setattr(mpd, "__new__", lambda cls, *a, **k: object.__new__(cls))
-    monkeypatch.setattr(mpd, "_vbar_get", lambda self, create=False: None)
+    """A ModelPatcherDynamic over a fresh model (what UNETLoader returns with dynamic VRAM on)."""
+    force_dynamic_on_cpu(comfy, monkeypatch.setattr)
     with torch.inference_mode():
         model = build_model(comfy, base)
-    patcher = mpd(model, load_device=CPU0, offload_device=torch.device("cpu"))
+    patcher = comfy.model_patcher.ModelPatcherDynamic(model, load_device=CPU0, offload_device=torch.device("cpu"))
     assert patcher.is_dynamic()
     yield patcher
     comfy.model_management.unload_all_models()
