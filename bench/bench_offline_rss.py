@@ -1,8 +1,17 @@
-"""Peak RSS of the streamed offline merge (`python -m lora_ops merge`) for growing checkpoints.
+"""Offline merge, whole process: `python -m lora_ops merge` against ComfyUI's load → LoRA patch → save, and
+our peak RSS as the checkpoint grows.
 
-Run by hand (never a unit test):
+Run by hand (never a unit test), under the machine's heavy-job lock:
 
-    PYTHONPATH=. python bench/bench_offline_rss.py [--blocks 2 4 8] [--rank 32] [--json out.json]
+    COMFYUI_ROOT=/work/shared/comfyui/0.3.64 COMFYUI_PYTHON=/work/venvs/c064/bin/python \
+        PYTHONPATH=. python bench/bench_offline_rss.py [--rounds 3] [--blocks 2 4 8] [--json out.json]
+
+**Against ComfyUI** (when COMFYUI_ROOT is set): on the 2-block checkpoint (1 double + 1 single block at width
+3072, 1.02 GiB bf16), ours and a child in ComfyUI's own venv that does what a user's load → LoraLoaderModelOnly →
+ModelSave does (`comfy.sd.load_diffusion_model`, `comfy.sd.load_lora_for_models`, `comfy.sd.save_checkpoint`
+with `--cpu`) run alternately, `--rounds` times each, every one a fresh process timed from start to exit.
+Prints the medians, the ratio ours / ComfyUI (target <= 0.6) and ours' peak RSS (target <= 1 GiB), and checks
+that both files hold the same bits for every merged weight.
 
 Checkpoints of 2, 4 and 8 blocks (FluxShape(depth=n/2, depth_single=n/2) at the real width 3072: about
 1, 2 and 4 GB in bf16) are written with lora_ops.synthetic.write_flux_checkpoint. The same rank-32 kohya
@@ -17,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,10 +55,107 @@ def measure(argv: list[str], env: dict[str, str]) -> dict:
     return result
 
 
+#: What ComfyUI does for load → LoraLoaderModelOnly → ModelSave, as a script (run in ComfyUI's venv).
+_COMFY_CHILD = r"""
+import logging, os, sys
+ckpt, lora, out = sys.argv[1:4]
+sys.path.insert(0, os.environ["COMFYUI_ROOT"])
+sys.argv = [sys.argv[0], "--cpu"]
+import comfy.options
+comfy.options.enable_args_parsing()
+import comfy.cli_args, comfy.model_management, comfy.sd, comfy.utils
+logging.disable(logging.WARNING)
+model = comfy.sd.load_diffusion_model(ckpt)
+patched, _ = comfy.sd.load_lora_for_models(model, None, comfy.utils.load_torch_file(lora, safe_load=True), 1.0, 0)
+comfy.sd.save_checkpoint(out, patched)
+"""
+
+
+def compare_outputs(ours: Path, theirs: Path, merged_keys: list[str]) -> tuple[int, int]:
+    """(merged weights compared, how many differ in any bit) between our file and ComfyUI's saved one."""
+    import torch
+
+    from lora_ops.safetensors_io import SafetensorsFile
+
+    a, b = SafetensorsFile(ours), SafetensorsFile(theirs)
+    names = {k.removeprefix("model.diffusion_model."): k for k in b.keys()}
+    differ = 0
+    for key in merged_keys:
+        x, y = a.get(key), b.get(names[key])
+        differ += int(x.dtype != y.dtype or not torch.equal(x.view(torch.int16), y.view(torch.int16)))
+    return len(merged_keys), differ
+
+
+def against_comfyui(ckpt: Path, lora: Path, tmp: Path, env: dict[str, str], rounds: int) -> dict | None:
+    root = os.environ.get("COMFYUI_ROOT")
+    if not root:
+        print("ComfyUI: skipped (set COMFYUI_ROOT and COMFYUI_PYTHON to measure the baseline)")
+        return None
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    ours_out, comfy_out = tmp / "ours.safetensors", tmp / "comfy.safetensors"
+    runs: dict[str, list[dict]] = {"ours": [], "comfyui": []}
+    for i in range(rounds):
+        for name in ("comfyui", "ours") if i % 2 else ("ours", "comfyui"):
+            argv = (
+                [python, "-c", _COMFY_CHILD, str(ckpt), str(lora), str(comfy_out)]
+                if name == "comfyui"
+                else [
+                    sys.executable,
+                    "-m",
+                    "lora_ops",
+                    "merge",
+                    str(ckpt),
+                    "--lora",
+                    str(lora),
+                    "--out",
+                    str(ours_out),
+                    "--device",
+                    "cpu",
+                ]
+            )
+            result = measure(argv, dict(env, COMFYUI_ROOT=root))
+            result["load1"] = os.getloadavg()[0]
+            runs[name].append(result)
+            print(
+                f"  round {i + 1} {name:8s} {result['seconds']:6.2f} s  peak RSS {result['maxrss'] / MIB:6.0f} MiB"
+                f"  (load {result['load1']:.1f})",
+                flush=True,
+            )
+    from lora_ops.formats import load_lora
+
+    compared, differ = compare_outputs(ours_out, comfy_out, sorted(load_lora(lora).targets))
+    ours_s = statistics.median(r["seconds"] for r in runs["ours"])
+    comfy_s = statistics.median(r["seconds"] for r in runs["comfyui"])
+    ours_rss = max(r["maxrss"] for r in runs["ours"])
+    comfy_rss = max(r["maxrss"] for r in runs["comfyui"])
+    print(
+        f"whole process, median of {rounds}: ours {ours_s:.2f} s, ComfyUI {comfy_s:.2f} s -> ratio "
+        f"{ours_s / comfy_s:.2f} (target <= 0.6: {'met' if ours_s / comfy_s <= 0.6 else 'MISSED'})"
+    )
+    print(
+        f"peak RSS: ours {ours_rss / MIB:.0f} MiB (target <= 1024: {'met' if ours_rss <= GIB else 'MISSED'}), "
+        f"ComfyUI {comfy_rss / MIB:.0f} MiB"
+    )
+    print(f"bits: {compared - differ} of {compared} merged weights identical to ComfyUI's file")
+    ours_out.unlink(missing_ok=True)
+    comfy_out.unlink(missing_ok=True)
+    return {
+        "runs": runs,
+        "ours_seconds": ours_s,
+        "comfyui_seconds": comfy_s,
+        "ratio": ours_s / comfy_s,
+        "ours_maxrss": ours_rss,
+        "comfyui_maxrss": comfy_rss,
+        "merged_compared": compared,
+        "merged_differing": differ,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--blocks", type=int, nargs="+", default=[2, 4, 8], help="total blocks (even)")
     parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3, help="alternated runs of ours and ComfyUI's each")
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--tmp", default=None, help="directory for the checkpoints (needs ~2x the largest)")
     args = parser.parse_args()
@@ -68,21 +175,51 @@ def main() -> int:
     print(f"LoRA: kohya rank {args.rank} on double block 0 + single block 0, {lora.stat().st_size / MIB:.1f} MiB")
     base = measure([sys.executable, "-c", "import torch, lora_ops.offline, lora_ops.cli"], env)
     print(f"baseline (python + torch + lora_ops imported): {base['maxrss'] / MIB:.0f} MiB")
+    first = write_flux_checkpoint(tmp / "flux_vs_comfyui.safetensors", FluxShape(depth=1, depth_single=1), seed=0)
+    print(f"\nAgainst ComfyUI: {first.stat().st_size / GIB:.2f} GiB checkpoint (1 double + 1 single block)")
+    comfy = against_comfyui(first, lora, tmp, env, args.rounds)
+    first.unlink()
+    print("\nGrowth (ours only):")
     rows = []
     for blocks in args.blocks:
         shape = FluxShape(depth=blocks // 2, depth_single=blocks - blocks // 2)
         ckpt = write_flux_checkpoint(tmp / f"flux_{blocks}.safetensors", shape, seed=0)
         out = tmp / f"merged_{blocks}.safetensors"
-        result = measure([sys.executable, "-m", "lora_ops", "merge", str(ckpt), "--lora", str(lora), "--out", str(out),
-                          "--device", "cpu"], env)
+        result = measure(
+            [
+                sys.executable,
+                "-m",
+                "lora_ops",
+                "merge",
+                str(ckpt),
+                "--lora",
+                str(lora),
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+            ],
+            env,
+        )
         size = ckpt.stat().st_size
-        rows.append({"blocks": blocks, "depth": shape.depth, "depth_single": shape.depth_single,
-                     "params": parameter_count(shape), "checkpoint_bytes": size, "maxrss_bytes": result["maxrss"],
-                     "above_baseline_bytes": result["maxrss"] - base["maxrss"], "seconds": result["seconds"],
-                     "output_bytes": out.stat().st_size})
-        print(f"{blocks} blocks ({shape.depth}+{shape.depth_single}): checkpoint {size / GIB:.2f} GiB, peak RSS "
-              f"{result['maxrss'] / MIB:.0f} MiB ({(result['maxrss'] - base['maxrss']) / MIB:.0f} MiB above baseline),"
-              f" {result['seconds']:.1f} s")
+        rows.append(
+            {
+                "blocks": blocks,
+                "depth": shape.depth,
+                "depth_single": shape.depth_single,
+                "params": parameter_count(shape),
+                "checkpoint_bytes": size,
+                "maxrss_bytes": result["maxrss"],
+                "above_baseline_bytes": result["maxrss"] - base["maxrss"],
+                "seconds": result["seconds"],
+                "output_bytes": out.stat().st_size,
+            }
+        )
+        print(
+            f"{blocks} blocks ({shape.depth}+{shape.depth_single}): checkpoint {size / GIB:.2f} GiB, peak RSS "
+            f"{result['maxrss'] / MIB:.0f} MiB ({(result['maxrss'] - base['maxrss']) / MIB:.0f} MiB above baseline),"
+            f" {result['seconds']:.1f} s"
+        )
         ckpt.unlink()
         out.unlink()
     xs = [r["checkpoint_bytes"] for r in rows]
@@ -90,19 +227,34 @@ def main() -> int:
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
     spread = max(ys) - min(ys)
-    print(f"slope (least squares): {slope * GIB / MIB:.1f} MiB of peak RSS per GiB of checkpoint "
-          f"({slope:.3f} bytes per byte; loading the whole checkpoint would be >= 1.0); spread {spread / MIB:.0f} MiB "
-          f"while the checkpoint grew {(max(xs) - min(xs)) / GIB:.2f} GiB")
+    print(
+        f"slope (least squares): {slope * GIB / MIB:.1f} MiB of peak RSS per GiB of checkpoint "
+        f"({slope:.3f} bytes per byte; loading the whole checkpoint would be >= 1.0); spread {spread / MIB:.0f} MiB "
+        f"while the checkpoint grew {(max(xs) - min(xs)) / GIB:.2f} GiB"
+    )
     flat = slope < 0.05
     print(f"flat (slope < 0.05): {'yes' if flat else 'NO'}")
     largest_tensor = 21504 * 3072 * 2
-    print(f"for scale: the largest tensor (linear1, bf16) is {largest_tensor / MIB:.0f} MiB; its fp32 working copy "
-          f"{2 * largest_tensor / MIB:.0f} MiB")
+    print(
+        f"for scale: the largest tensor (linear1, bf16) is {largest_tensor / MIB:.0f} MiB; its fp32 working copy "
+        f"{2 * largest_tensor / MIB:.0f} MiB"
+    )
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine(), "date": time.strftime("%Y-%m-%d"),
-                                               "baseline_bytes": base["maxrss"], "runs": rows,
-                                               "slope_bytes_per_byte": slope, "spread_bytes": spread,
-                                               "flat": flat}, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "machine": machine(),
+                    "date": time.strftime("%Y-%m-%d"),
+                    "baseline_bytes": base["maxrss"],
+                    "runs": rows,
+                    "slope_bytes_per_byte": slope,
+                    "spread_bytes": spread,
+                    "flat": flat,
+                    "against_comfyui": comfy,
+                },
+                indent=2,
+            )
+        )
     tmp_dir.cleanup()
     return 0
 

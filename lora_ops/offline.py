@@ -17,10 +17,11 @@ from typing import Protocol
 
 import torch
 
+from .adapters import DoRA
 from .errors import LoRAOpsError
 from .flux import strip_model_prefix
 from .formats import LoRAFile, check_fits
-from .merge import MergeOptions, merge_loras
+from .merge import DEFAULT_TILE_BYTES, MergeOptions, Term, is_out_of_memory, merge_loras, terms_by_target, tile_rows_for
 from .model_files import open_flux_checkpoint, refuse_overwriting_inputs
 from .safetensors_io import SafetensorsFile, StreamingWriter
 
@@ -120,6 +121,72 @@ def _finite(tensor: torch.Tensor) -> bool:
     return math.isfinite(float(low)) and math.isfinite(float(high))
 
 
+class _CopyMerge:
+    """Fresh merges of single weights into copies, with the engine's arithmetic and none of its undo machinery.
+
+    `merge_loras` changes live weights, so it keeps a rollback journal as it goes; a copy that the writer throws
+    away on failure needs none, which halves the time per weight. Per tile: base = the stored rows in fp32,
+    delta = Σ coeff·ΔW summed in fp32 from zero (adapters compute in fixed row blocks, so tiles do not change
+    the bits), out = base + delta rounded once: what `merge_loras` writes, bit for bit (the tests compare the
+    two). Two fp32 buffers serve every tile of every weight. Per-column DoRA, whose norms need a pass over the
+    whole weight first, goes through the engine (`DtypeConversion`).
+    """
+
+    def __init__(self, options: MergeOptions) -> None:
+        self.options = options
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def _buffer(self, name: str, rows: int, cols: int, device: torch.device) -> torch.Tensor:
+        buf = self.buffers.get(name)
+        if buf is None or buf.numel() < rows * cols or buf.device != device:
+            self.buffers[name] = buf = torch.empty(rows * cols, dtype=torch.float32, device=device)
+        return buf[: rows * cols].view(rows, cols)
+
+    def merged(
+        self, key: str, tensor: torch.Tensor, terms: list[Term], want: torch.dtype, read: Callable[[], torch.Tensor]
+    ) -> torch.Tensor:
+        """`tensor` + Σ terms stored in `want`; on out-of-memory, retried from `read()` with half the tile."""
+        budget = self.options.tile_bytes or DEFAULT_TILE_BYTES
+        while True:
+            out = tensor if tensor.dtype == want else torch.empty(tensor.shape, dtype=want)
+            try:
+                self._merge_tiles(key, tensor, terms, out, budget)
+                return out
+            except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
+                if not is_out_of_memory(error) or budget // 2 < self.options.min_tile_bytes:
+                    raise
+                budget //= 2
+                self.buffers.clear()
+                tensor = read()
+
+    def _merge_tiles(self, key: str, source: torch.Tensor, terms: list[Term], out: torch.Tensor, budget: int) -> None:
+        device = torch.device(self.options.compute_device) if self.options.compute_device else source.device
+        on_device = [(a.on(device), coeff) for a, coeff in terms]
+        src = source if source.dim() == 2 else source.reshape(source.shape[0], -1)
+        dst = out if out.dim() == 2 else out.reshape(out.shape[0], -1)
+        rows, cols = src.shape
+        step = tile_rows_for(cols, budget, len(on_device))
+        for i, r0 in enumerate(range(0, rows, step)):
+            r1 = min(rows, r0 + step)
+            if self.options.on_tile is not None:
+                self.options.on_tile(key, i, r1 - r0)
+            base = self._buffer("base", r1 - r0, cols, device)
+            base.copy_(src[r0:r1])
+            delta = self._buffer("delta", r1 - r0, cols, device)
+            delta.zero_()
+            for adapter, coeff in on_device:
+                a0, a1 = max(r0, adapter.row_offset), min(r1, adapter.row_offset + adapter.shape[0])
+                if a0 < a1:
+                    adapter.add_delta(
+                        delta[a0 - r0 : a1 - r0],
+                        a0 - adapter.row_offset,
+                        a1 - adapter.row_offset,
+                        coeff,
+                        base[a0 - r0 : a1 - r0],
+                    )
+            dst[r0:r1].copy_(torch.add(base, delta, out=base))
+
+
 class DtypeConversion:
     """The checkpoint with the LoRAs merged, every float tensor stored in `out_dtype` (None: as stored)."""
 
@@ -133,8 +200,10 @@ class DtypeConversion:
         self.model = model
         self.loras = list(loras)
         self.out_dtype = out_dtype
+        self.terms = terms_by_target(self.loras)
         self.targets = {t for lora, _ in loras for t in lora.targets}
         self.options = MergeOptions(exact_undo=False, compute_device=device)
+        self.copies = _CopyMerge(self.options)
 
     def stored_dtype(self, key: str) -> torch.dtype:
         own = self.model.dtype(key)
@@ -152,11 +221,15 @@ class DtypeConversion:
     def convert(self, key: str, tensor: torch.Tensor, get: Callable[[str], torch.Tensor]) -> Outputs:
         want = self.stored_dtype(key)
         name = strip_model_prefix(key)[1]
-        if name not in self.targets:
+        if not self.terms.get(name):
             return [(key, tensor.to(want))]
-        work = tensor.float() if want != tensor.dtype else tensor  # the merge changes this fresh copy in place
-        merge_loras({name: work}, [(lora.only({name}), s) for lora, s in self.loras], options=self.options)
-        merged = work.to(want)
+        terms = self.terms[name]
+        if any(isinstance(a, DoRA) and a.per_column for a, _ in terms):
+            work = tensor.float() if want != tensor.dtype else tensor  # the engine changes this fresh copy in place
+            merge_loras({name: work}, [(lora.only({name}), s) for lora, s in self.loras], options=self.options)
+            merged = work.to(want)
+        else:
+            merged = self.copies.merged(key, tensor, terms, want, lambda: get(key))
         if not _finite(merged) and _finite(get(key)):
             stack = ", ".join(f"{lora.path}:{s:g}" for lora, s in self.loras)
             raise LoRAOpsError(
