@@ -26,10 +26,11 @@ import comfy.model_patcher
 import comfy.utils
 import torch
 
-from ..lora_ops import LoRAFile, MergeOptions, merge_loras
+from ..lora_ops import LoRAFile, LoRAOpsError, MergeOptions, merge_loras
 from .fp8_slots import fill_slots, release_slots
 from .model_view import BackupEntry, compute_device
 from .plan import MergePlan
+from .quantized import is_quantized
 
 log = logging.getLogger("flux_lora_ops")
 
@@ -89,6 +90,14 @@ class CastTimeMerge(comfy.model_patcher.LowVramPatch):
         return w.to(weight.dtype)
 
 
+def _refuse_quantized(weight, full_key: str, what: str) -> None:
+    if is_quantized(weight):
+        raise LoRAOpsError(
+            f"{full_key.removeprefix(_PREFIX)} is {what} under dynamic VRAM, which the pack cannot merge into yet; "
+            "start ComfyUI with --disable-dynamic-vram for this model (nothing was changed)."
+        )
+
+
 def _split(full_key: str) -> tuple[str, str]:
     module, _, param = full_key.rpartition(".")
     return module, param
@@ -101,6 +110,7 @@ def _stack_for(plan: MergePlan, bare: str) -> list[tuple[LoRAFile, float]]:
 def _merged_copy(patcher, full_key: str, pairs, tile_bytes: int) -> None:
     """Replace a weight ComfyUI loaded whole by a merged copy; the original stays in `backup` for ComfyUI to restore."""
     current = comfy.utils.get_attr(patcher.model, full_key)
+    _refuse_quantized(current, full_key, "a quantized layer ComfyUI loads whole")
     if full_key not in patcher.backup:
         patcher.backup[full_key] = BackupEntry(current, False)
     with torch.inference_mode():
@@ -179,4 +189,5 @@ def saved_weight(patcher, full_key: str, weight: torch.Tensor) -> torch.Tensor:
     fn = getattr(module, param + "_lowvram_function", None)
     if not isinstance(fn, CastTimeMerge):
         return weight
+    _refuse_quantized(weight, full_key, "a quantized layer to save")
     return fn.merged(weight)

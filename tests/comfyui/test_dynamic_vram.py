@@ -206,3 +206,30 @@ def test_modelsave_writes_the_merged_weights(comfy, pack, rt, dyn, base, loras):
         sd = merged.model_state_dict_for_saving(merged.model.diffusion_model, "diffusion_model.")
         saved = {k: v.to("cpu") for k, v in sd.items()}
     assert_same(saved, fresh_merge(pack, base, [(loras["a"], 0.6)]))
+
+
+@pytest.mark.comfyui_has("comfy/quant_ops.py", "class QuantizedTensor")
+def test_quantized_fp8_model_merges_at_the_cast(comfy, pack, rt, loras, base, monkeypatch):
+    """A comfy_quant fp8 model (QuantizedTensor weights): ComfyUI hands our cast function the dequantised weight."""
+    from test_quantized_in_comfyui import _quantized_model
+
+    force_dynamic_on_cpu(comfy, monkeypatch.setattr)
+    quant_sd = pack.lora_ops.fp8.merge_to_fp8(base, [], "default", file_format="comfy_quant")
+    with torch.inference_mode():
+        model = _quantized_model(comfy, quant_sd)
+    dyn = comfy.model_patcher.ModelPatcherDynamic(model, load_device=CPU0, offload_device=torch.device("cpu"))
+    merged = rt.attach_plan(dyn, [entry(rt, loras["a"], 1.0)])
+    load(comfy, merged)
+    key = "double_blocks.0.img_attn.qkv"
+    module = merged.model.diffusion_model.get_submodule(key)
+    fn = module.weight_lowvram_function
+    with torch.inference_mode():
+        dequantised = module.weight.dequantize()
+        got = fn(dequantised.clone())
+        expected = {f"{key}.weight": dequantised.clone()}
+        pack.lora_ops.merge_loras(expected, [(loras["a"].only({f"{key}.weight"}), 1.0)])
+    assert torch.equal(got, expected[f"{key}.weight"]) and not torch.equal(got, dequantised)
+    assert torch.equal(module.weight.dequantize(), dequantised)  # the quantized base is untouched
+    with pytest.raises(pack.lora_ops.LoRAOpsError, match="disable-dynamic-vram"):  # not a silent unmerged save
+        merged.patch_weight_to_device(f"diffusion_model.{key}.weight", device_to=CPU0, return_weight=True)
+    comfy.model_management.unload_all_models()
