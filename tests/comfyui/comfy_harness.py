@@ -178,6 +178,7 @@ class ComfyServer:
     log_path: Path
     port: int
     extra_args: tuple[str, ...] = ()
+    device_args: tuple[str, ...] = ("--cpu",)  # e.g. ("--enable-dynamic-vram",) on a GPU
     proc: subprocess.Popen | None = None
     session: requests.Session = field(default_factory=requests.Session)
     client_id: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -215,7 +216,7 @@ class ComfyServer:
         return [
             sys.executable,
             "main.py",
-            "--cpu",
+            *self.device_args,
             "--bf16-unet",
             "--listen",
             HOST,
