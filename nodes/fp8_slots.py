@@ -16,6 +16,7 @@ from ..lora_ops import LoRAOpsError, terms_by_target
 from ..lora_ops.fp8 import ROUNDINGS, FP8Linear, get_policy
 from .model_view import original_modules
 from .plan import FP8Step, MergePlan
+from .quantized import native_fp8_format
 
 
 def _original(patcher, name: str) -> torch.nn.Module | None:
@@ -70,9 +71,13 @@ def make_step(model, policy: str, rounding: str, fp8_matmul: bool) -> tuple[FP8S
     slots, saved = [], 0
     for name, module in original_modules(model).items():
         if isinstance(module, torch.nn.Linear) and pol.selects(f"{name}.weight", module.weight.shape):
-            slots.append((name, FP8Linear.empty(module.in_features, fp8_matmul=fp8_matmul)))
+            slot = FP8Linear.empty(module.in_features, fp8_matmul=fp8_matmul)
+            slot.file_format = native_fp8_format()  # what ModelSave writes of it
+            slots.append((name, slot))
             w = module.weight
-            saved += w.numel() * w.element_size() - w.numel() - 4
+            # the fp8 copy: one byte per element, plus what the empty slot holds (its scale, comfy_quant entry)
+            extras = sum(t.nbytes for t in slot.state_dict().values())
+            saved += w.numel() * w.element_size() - w.numel() - extras
     if not slots:
         raise LoRAOpsError(f"fp8 policy {policy!r} selects no Linear of this model; is it a Flux model?")
     return FP8Step(pol.name, rounding, bool(fp8_matmul), tuple(slots)), saved

@@ -13,6 +13,7 @@ copy keeps them too (a change too small to show at that precision).
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
@@ -23,6 +24,12 @@ from ..lora_ops.fp8 import merge_loras_fp8
 #: comfy_kitchen / ComfyUI layouts holding one fp8 payload with one fp32 scale per tensor
 PER_TENSOR_FP8_LAYOUTS = ("TensorCoreFP8Layout", "TensorCoreFP8E4M3Layout", "TensorCoreFP8E5M2Layout")
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def native_fp8_format() -> str:
+    """The fp8 form this ComfyUI loads natively (what ModelSave should write for a CastFluxFP8 model): comfy_quant
+    where it has quantized tensors (0.33 and later), scaled_fp8 on 0.3.x, which reads comfy_quant files unscaled."""
+    return "comfy_quant" if importlib.util.find_spec("comfy.quant_ops") is not None else "scaled_fp8"
 
 
 def is_quantized(tensor) -> bool:

@@ -10,7 +10,15 @@ import torch
 from ..errors import ModelMismatchError
 from ..flux import strip_model_prefix
 from ..rows import DEFAULT_TILE_BYTES, FP8_BUFFERS, tile_rows_for, tiles
-from .checkpoint import FP8Checkpoint, load_fp8_state_dict
+from .checkpoint import (
+    NEW_QUANT_SUFFIX,
+    NEW_SCALE_SUFFIX,
+    SCALE_SUFFIX,
+    FP8Checkpoint,
+    comfy_quant_layer,
+    comfy_quant_tensor,
+    load_fp8_state_dict,
+)
 from .merged_rows import Term, _check_finite_tile, merge_rows_to, quantize_merged
 from .policies import FP8Policy, get_policy
 from .quantize import E4M3, FP8_MAX, FP8FormatError, check_rounding, check_scale, is_fp8, round_fp8
@@ -31,9 +39,14 @@ class FP8Linear(torch.nn.Module):
     forward: dequantise the weight to the input's dtype (`weight.to(dtype) * scale.to(dtype)`, exact for the
     power-of-two scales we write) and run `F.linear`. With `fp8_matmul=True` on CUDA with compute capability
     >= 8.9 it instead runs `torch._scaled_mm` with the input quantised per tensor (scale = amax/448); any error
-    there falls back to the dequantising path for good. The state dict keys (`weight`, `scale_weight`, `bias`)
-    are those of ComfyUI's scaled-fp8 format.
+    there falls back to the dequantising path for good.
+
+    The state dict (what ComfyUI's ModelSave writes) is in `file_format`: "comfy_quant" (`weight`, `weight_scale`,
+    `comfy_quant`, `bias`: what ComfyUI with quantized tensors loads natively) or "scaled_fp8" (`weight`,
+    `scale_weight`, `bias`: ComfyUI 0.3.x's per-layer names). Both are read back.
     """
+
+    file_format = "comfy_quant"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, device=None,
                  bias_dtype: torch.dtype = torch.bfloat16, fp8_matmul: bool = False) -> None:
@@ -129,6 +142,18 @@ class FP8Linear(torch.nn.Module):
         self.scale_weight = torch.ones((), dtype=torch.float32)
         self.bias = None
         self.out_features = 0
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.file_format == "comfy_quant":
+            destination[prefix + NEW_SCALE_SUFFIX[1:]] = destination.pop(prefix + SCALE_SUFFIX[1:])
+            destination[prefix + NEW_QUANT_SUFFIX[1:]] = comfy_quant_tensor(comfy_quant_layer(self.fp8_matmul))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        if prefix + NEW_SCALE_SUFFIX[1:] in state_dict:  # the comfy_quant names
+            state_dict[prefix + SCALE_SUFFIX[1:]] = state_dict.pop(prefix + NEW_SCALE_SUFFIX[1:])
+        state_dict.pop(prefix + NEW_QUANT_SUFFIX[1:], None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

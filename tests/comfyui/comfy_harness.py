@@ -48,6 +48,12 @@ def is_comfyui_root(path: str | os.PathLike[str] | None) -> bool:
     return (root / "main.py").is_file() and (root / "nodes.py").is_file() and (root / "comfy").is_dir()
 
 
+def reads_comfy_quant(root: str | os.PathLike[str]) -> bool:
+    """Whether this ComfyUI has quantized tensors and loads comfy_quant fp8 files natively (0.33.0: yes; 0.3.64: no,
+    it reads scaled_fp8 files)."""
+    return (Path(root) / "comfy" / "quant_ops.py").is_file()
+
+
 # --------------------------------------------------------------------------------------------- checkpoint
 
 

@@ -36,6 +36,7 @@ from comfy_harness import (
     ksampler_node,
     make_base_directory,
     read_saved_model,
+    reads_comfy_quant,
 )
 from safetensors.torch import load_file, save_file
 
@@ -502,8 +503,10 @@ def test_fp8_cast_branch_next_to_plain_branch(comfy_server, base, loras):
     assert_file_equals(saved_file(comfy_server, plain_prefix), base)
     cast_latent, plain_latent = latent_of(comfy_server, entry, cast_node), latent_of(comfy_server, entry, plain_node)
     assert torch.isfinite(cast_latent).all() and not torch.equal(cast_latent, plain_latent)
-    # ModelSave of the fp8 branch: each fp8 layer is the merge-then-quantise of the untouched bf16 original
-    # (the file has no scaled_fp8 marker: ModelSave is not a way to write fp8 checkpoints; see the CLI for that)
+    # ModelSave of the fp8 branch: each fp8 layer is the merge-then-quantise of the untouched bf16 original, with
+    # its scale as this ComfyUI names it (comfy_quant where it has quantized tensors: the file then loads natively;
+    # 0.3.x names, no marker, on 0.3.x: there the CLI writes loadable fp8 checkpoints)
+    scale_suffix = ".weight_scale" if reads_comfy_quant(comfy_server.comfyui_root) else ".scale_weight"
     terms = terms_by_target([(load_lora(comfy_server.loras_dir / loras["small"]), 1.0)])
     saved, _ = read_saved_model(saved_file(comfy_server, cast_prefix))
     fp8_keys = [k for k in base if fp8.get_policy("default").selects(k, base[k].shape)]
@@ -512,7 +515,7 @@ def test_fp8_cast_branch_next_to_plain_branch(comfy_server, base, loras):
         q, scale = fp8.quantize_merged(base[key], terms.get(key, []), key=key)
         got = saved[key]
         assert got.dtype == torch.float8_e4m3fn and torch.equal(got.view(torch.uint8), q.view(torch.uint8)), key
-        assert torch.equal(saved[key.removesuffix(".weight") + ".scale_weight"], scale)
+        assert torch.equal(saved[key.removesuffix(".weight") + scale_suffix], scale)
     alone = unique("after_fp8_alone")
     comfy_server.run(
         {

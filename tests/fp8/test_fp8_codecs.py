@@ -27,7 +27,7 @@ def test_in_place_fp8_merge_fresh_scale_exact_undo(base, lora, lora2, rounding):
     direct_q, direct_s = fp8.quantize_merged(
         original["diffusion_model." + QKV], [(a, 1.0) for a in lora.targets[QKV]] + [(a, 0.5) for a in
                                                                                     lora2.targets[QKV]],
-        key=QKV, weight_scale=original["diffusion_model." + QKV.replace(".weight", ".scale_weight")],
+        key=QKV, weight_scale=original["diffusion_model." + QKV.replace(".weight", ".weight_scale")],
         rounding=rounding, seed=3)
     assert float(layer.scale_weight) == float(direct_s)  # fresh scale, from the merged tensor
     same = (bits(layer.weight) == bits(direct_q)).float().mean()

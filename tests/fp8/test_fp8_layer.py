@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from fp8_cases import (
@@ -22,7 +24,7 @@ def test_fp8_linear_forward_and_comfy_protocol():
     torch.nn.init.normal_(lin.weight, std=0.02)
     f = fp8.FP8Linear.from_linear(lin, key="x.weight")
     assert f.weight.dtype == E4M3 and f.bias.dtype == torch.bfloat16
-    assert set(f.state_dict()) == {"weight", "scale_weight", "bias"}
+    assert set(f.state_dict()) == {"weight", "weight_scale", "comfy_quant", "bias"}
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(5, 7, 64, dtype=dtype)
         y = f(x)
@@ -117,3 +119,22 @@ def test_slot_fill_failure_leaves_the_slot_unchanged(base):
         slot.fill(weight[:, :-1], bias, name=name)
     after = slot.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(bits(before[k]), bits(after[k])) for k in before)
+
+
+@pytest.mark.parametrize("file_format", fp8.FILE_FORMATS)
+def test_fp8_linear_state_dict_in_either_file_format_reads_back(file_format):
+    """What ModelSave writes of a cast layer: comfy_quant names (default) or 0.3.x's scaled_fp8 names."""
+    lin = torch.nn.Linear(32, 16, dtype=torch.bfloat16)
+    f = fp8.FP8Linear.from_linear(lin, key="x.weight")
+    f.file_format = file_format
+    sd = f.state_dict()
+    if file_format == "comfy_quant":
+        assert set(sd) == {"weight", "weight_scale", "comfy_quant", "bias"}
+        assert json.loads(bytes(sd["comfy_quant"].tolist())) == fp8.comfy_quant_layer(False)
+        assert fp8.load_fp8_state_dict({f"x.{k}": v for k, v in sd.items()}).kind == "comfy_quant"
+    else:
+        assert set(sd) == {"weight", "scale_weight", "bias"}
+    back = fp8.FP8Linear(32, 16)
+    back.load_state_dict(sd)
+    assert torch.equal(back.weight.view(torch.uint8), f.weight.view(torch.uint8))
+    assert torch.equal(back.scale_weight, f.scale_weight) and torch.equal(back.bias, f.bias)
