@@ -71,6 +71,22 @@ comfy.sd.save_checkpoint(out, patched)
 """
 
 
+def ours_argv(ckpt: Path, lora: Path, out: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "lora_ops",
+        "merge",
+        str(ckpt),
+        "--lora",
+        str(lora),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+    ]
+
+
 def compare_outputs(ours: Path, theirs: Path, merged_keys: list[str]) -> tuple[int, int]:
     """(merged weights compared, how many differ in any bit) between our file and ComfyUI's saved one."""
     import torch
@@ -99,19 +115,7 @@ def against_comfyui(ckpt: Path, lora: Path, tmp: Path, env: dict[str, str], roun
             argv = (
                 [python, "-c", _COMFY_CHILD, str(ckpt), str(lora), str(comfy_out)]
                 if name == "comfyui"
-                else [
-                    sys.executable,
-                    "-m",
-                    "lora_ops",
-                    "merge",
-                    str(ckpt),
-                    "--lora",
-                    str(lora),
-                    "--out",
-                    str(ours_out),
-                    "--device",
-                    "cpu",
-                ]
+                else ours_argv(ckpt, lora, ours_out)
             )
             result = measure(argv, dict(env, COMFYUI_ROOT=root))
             result["load1"] = os.getloadavg()[0]
@@ -185,22 +189,7 @@ def main() -> int:
         shape = FluxShape(depth=blocks // 2, depth_single=blocks - blocks // 2)
         ckpt = write_flux_checkpoint(tmp / f"flux_{blocks}.safetensors", shape, seed=0)
         out = tmp / f"merged_{blocks}.safetensors"
-        result = measure(
-            [
-                sys.executable,
-                "-m",
-                "lora_ops",
-                "merge",
-                str(ckpt),
-                "--lora",
-                str(lora),
-                "--out",
-                str(out),
-                "--device",
-                "cpu",
-            ],
-            env,
-        )
+        result = measure(ours_argv(ckpt, lora, out), env)
         size = ckpt.stat().st_size
         rows.append(
             {

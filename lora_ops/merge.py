@@ -27,6 +27,7 @@ from .adapters import ROW_BLOCK, DoRA
 from .errors import LoRAOpsError, ModelMismatchError, UndoError
 from .flux import strip_model_prefix
 from .formats import LoRAFile, check_fits
+from .heap import trim_heap
 from .journal import Arithmetic, Journal, differing_bits, fingerprint, threads_of
 from .rows import DEFAULT_TILE_BYTES, Term, tile_budget, tile_rows_for, working_bytes  # noqa: F401 (planner, bench)
 
@@ -365,7 +366,9 @@ def merge_loras(
     report = report if report is not None else MergeReport()
     while True:
         try:
-            return _merge_once(target, loras, state or MergeState(), budget, options, report)
+            merged = _merge_once(target, loras, state or MergeState(), budget, options, report)
+            trim_heap()  # freed tiles would otherwise stay resident in glibc's heap (see heap.py)
+            return merged
         except UndoError:
             raise
         except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:

@@ -21,8 +21,9 @@ from .adapters import DoRA
 from .errors import LoRAOpsError
 from .flux import strip_model_prefix
 from .formats import LoRAFile, check_fits
-from .merge import DEFAULT_TILE_BYTES, MergeOptions, Term, is_out_of_memory, merge_loras, terms_by_target, tile_rows_for
+from .merge import MergeOptions, is_out_of_memory, merge_loras, terms_by_target
 from .model_files import open_flux_checkpoint, refuse_overwriting_inputs
+from .rows import DEFAULT_TILE_BYTES, Term, add_terms, tile_rows_for, tiles
 from .safetensors_io import SafetensorsFile, StreamingWriter
 
 OUTPUT_DTYPES = {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -126,10 +127,10 @@ class _CopyMerge:
 
     `merge_loras` changes live weights, so it keeps a rollback journal as it goes; a copy that the writer throws
     away on failure needs none, which halves the time per weight. Per tile: base = the stored rows in fp32,
-    delta = Σ coeff·ΔW summed in fp32 from zero (adapters compute in fixed row blocks, so tiles do not change
-    the bits), out = base + delta rounded once: what `merge_loras` writes, bit for bit (the tests compare the
-    two). Two fp32 buffers serve every tile of every weight. Per-column DoRA, whose norms need a pass over the
-    whole weight first, goes through the engine (`DtypeConversion`).
+    delta = Σ coeff·ΔW summed in fp32 from zero by the row kernel (`rows.add_terms`; adapters compute in fixed
+    row blocks, so tiles do not change the bits), out = base + delta rounded once: what `merge_loras` writes,
+    bit for bit (the tests compare the two). Two fp32 buffers serve every tile of every weight. Per-column DoRA,
+    whose norms need a pass over the whole weight first, goes through the engine (`DtypeConversion`).
     """
 
     def __init__(self, options: MergeOptions) -> None:
@@ -165,25 +166,14 @@ class _CopyMerge:
         src = source if source.dim() == 2 else source.reshape(source.shape[0], -1)
         dst = out if out.dim() == 2 else out.reshape(out.shape[0], -1)
         rows, cols = src.shape
-        step = tile_rows_for(cols, budget, len(on_device))
-        for i, r0 in enumerate(range(0, rows, step)):
-            r1 = min(rows, r0 + step)
+        for i, (r0, r1) in enumerate(tiles(rows, tile_rows_for(cols, budget, len(on_device)))):
             if self.options.on_tile is not None:
                 self.options.on_tile(key, i, r1 - r0)
             base = self._buffer("base", r1 - r0, cols, device)
             base.copy_(src[r0:r1])
             delta = self._buffer("delta", r1 - r0, cols, device)
             delta.zero_()
-            for adapter, coeff in on_device:
-                a0, a1 = max(r0, adapter.row_offset), min(r1, adapter.row_offset + adapter.shape[0])
-                if a0 < a1:
-                    adapter.add_delta(
-                        delta[a0 - r0 : a1 - r0],
-                        a0 - adapter.row_offset,
-                        a1 - adapter.row_offset,
-                        coeff,
-                        base[a0 - r0 : a1 - r0],
-                    )
+            add_terms(delta, on_device, r0, r1, base)
             dst[r0:r1].copy_(torch.add(base, delta, out=base))
 
 
