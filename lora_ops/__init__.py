@@ -19,7 +19,7 @@ from .formats import Coverage, LoRAFile, check_fits, load_lora
 from .merge import MergeOptions, MergeReport, MergeState, merge_loras, restore, terms_by_target
 from .resize import LayerResize, ResizeReport, resize_lora, unmerged_saving
 from .text_encoder import text_encoder_modules, text_encoder_tensors
-from .verify import changes_on_copies, fingerprint, fingerprints
+from .verify import changes_on_copies, checksum, checksums
 
 __version__ = "0.1.0"
 
@@ -47,9 +47,9 @@ __all__ = [
     "blocks_touched",
     "describe_blocks",
     "changes_on_copies",
+    "checksum",
+    "checksums",
     "check_fits",
-    "fingerprint",
-    "fingerprints",
     "flux_weight_shapes",
     "load_lora",
     "merge_loras",

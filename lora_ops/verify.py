@@ -15,7 +15,7 @@ from .formats import LoRAFile
 from .merge import MergeOptions
 
 
-def fingerprint(tensor: torch.Tensor) -> int:
+def checksum(tensor: torch.Tensor) -> int:
     """The sum (mod 2^64) of the tensor's bytes read as 64-bit words: changes when any element does, barring a
     coincidence no merge produces. One read pass, no copy (a few ms per 100 MB)."""
     raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
@@ -24,12 +24,12 @@ def fingerprint(tensor: torch.Tensor) -> int:
     return total + sum((int(b) + 1) << (8 * i) for i, b in enumerate(raw[whole:].tolist()))
 
 
-def fingerprints(
+def checksums(
     weights: Mapping[str, torch.Tensor], keys: Iterable[str], scales: Mapping[str, torch.Tensor] | None = None
 ) -> dict[str, tuple]:
-    """Key → fingerprint of the weight (and of its scale, for scaled fp8 parts)."""
+    """Key → checksum of the weight (and of its scale, for scaled fp8 parts)."""
     scales = scales or {}
-    return {k: (fingerprint(weights[k]), float(scales[k]) if k in scales else None) for k in keys}
+    return {k: (checksum(weights[k]), float(scales[k]) if k in scales else None) for k in keys}
 
 
 def changes_on_copies(
@@ -45,7 +45,7 @@ def changes_on_copies(
     keys = list(keys)
     copies = {k: weights[k].detach().clone() for k in keys}
     copy_scales = {k: v.detach().clone() for k, v in (scales or {}).items() if k in copies}
-    before = fingerprints(copies, keys, copy_scales)
+    before = checksums(copies, keys, copy_scales)
     merge_loras_fp8(copies, [(lora.only(set(keys)), s) for lora, s in loras], scales=copy_scales, options=options)
-    after = fingerprints(copies, keys, copy_scales)
+    after = checksums(copies, keys, copy_scales)
     return {k for k in keys if after[k] != before[k]}

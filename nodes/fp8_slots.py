@@ -14,9 +14,9 @@ import torch
 
 from ..lora_ops import LoRAOpsError, terms_by_target
 from ..lora_ops.fp8 import ROUNDINGS, FP8Linear, get_policy
-from .model_view import original_modules
+from .model_view import original_modules, original_params
 from .plan import FP8Step, MergePlan
-from .quantized import native_fp8_format
+from .quantized import is_quantized, native_fp8_format
 
 
 def _original(patcher, name: str) -> torch.nn.Module | None:
@@ -79,5 +79,11 @@ def make_step(model, policy: str, rounding: str, fp8_matmul: bool) -> tuple[FP8S
             extras = sum(t.nbytes for t in slot.state_dict().values())
             saved += w.numel() * w.element_size() - w.numel() - extras
     if not slots:
+        quantized = next((n for n, p in original_params(model).items() if is_quantized(p.data)), None)
+        if quantized is not None:
+            raise LoRAOpsError(
+                f"this model is already quantized ({quantized!r} is a QuantizedTensor); CastFluxFP8 casts bf16 "
+                "models. Use the model as it is (MergeLoRAIntoModel merges into its fp8 layers)."
+            )
         raise LoRAOpsError(f"fp8 policy {policy!r} selects no Linear of this model; is it a Flux model?")
     return FP8Step(pol.name, rounding, bool(fp8_matmul), tuple(slots)), saved

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
-from ..lora_ops import LoRAFile, LoRAOpsError, MergeOptions, MergeState, changes_on_copies, fingerprints
+from ..lora_ops import LoRAFile, LoRAOpsError, MergeOptions, MergeState, changes_on_copies, checksums
 from ..lora_ops.fp8 import merge_loras_fp8
 
 #: comfy_kitchen / ComfyUI layouts holding one fp8 payload with one fp32 scale per tensor
@@ -127,10 +127,10 @@ def merge(
     view, scales = engine_view(weights)
     checked = sorted(_claimed(loras) & view.keys()) if state is None else []
     bits, bit_scales = stored_bits(weights)
-    before = fingerprints(bits, checked, bit_scales)
+    before = checksums(bits, checked, bit_scales)
     new_state = merge_loras_fp8(view, loras, scales=scales, state=state, options=options)
     bits, bit_scales = stored_bits(weights)
-    after = fingerprints(bits, checked, bit_scales)
+    after = checksums(bits, checked, bit_scales)
     kept = [k for k in checked if after[k] == before[k]]
     if kept:
         lost = changes_on_copies(bits, loras, kept, bit_scales, options)

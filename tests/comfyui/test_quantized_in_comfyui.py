@@ -189,3 +189,8 @@ def test_a_merge_that_does_not_reach_the_weights_is_an_error(lc, comfy, pack, rt
         load(comfy, merged)
     assert_same_bits(parts(qplain), base)
     assert lc.record_of(qplain.model) is None
+
+
+def test_cast_to_fp8_on_a_quantized_model_says_so(pack, rt, qplain):
+    with pytest.raises(pack.lora_ops.LoRAOpsError, match="already quantized"):
+        rt.attach_fp8(qplain, "default")
