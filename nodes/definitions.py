@@ -11,11 +11,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import folder_paths
 
-from ..lora_ops import BLOCK_SPEC_GRAMMAR, LoRAOpsError, describe_blocks, parse_block_spec
+from ..lora_ops import BLOCK_SPEC_GRAMMAR, LoRAOpsError, describe_blocks, parse_block_spec, resize_lora
 from ..lora_ops.fp8 import PRESETS, ROUNDINGS
 from . import library, runtime, text_encoder, vram
 
@@ -350,8 +351,67 @@ VRAM_REPORT = NodeDef(
 )
 
 
+# --------------------------------------------------------------------------------------------- ResizeFluxLoRA
+
+
+def run_resize(lora_name: str, rank: int = 16, energy: float = 0.99, output_name: str = "") -> Result:
+    source = Path(folder_paths.get_full_path_or_raise("loras", lora_name))
+    size = f"rank{rank}" if rank > 0 else f"energy{energy:g}"
+    out = source.with_name(Path(output_name).name if output_name.strip() else f"{source.stem}_{size}.safetensors")
+    if out.suffix != ".safetensors":
+        out = out.with_name(out.name + ".safetensors")
+    if out.exists():
+        raise LoRAOpsError(f"{out} already exists; delete it or give another output_name")
+    report = resize_lora(source, out, rank=rank if rank > 0 else None, energy=None if rank > 0 else energy)
+    return Result((report.format_table(),), report.format_table())
+
+
+RESIZE = NodeDef(
+    node_id="ResizeFluxLoRA",
+    display_name="Resize Flux LoRA",
+    description=(
+        "Writes a smaller copy of a LoRA next to it in your loras folder: each layer's change cut to its best "
+        "low-rank approximation (truncated SVD), at a fixed rank or keeping a share of each layer's energy. "
+        "A smaller rank needs less GPU memory when a LoRA is applied unmerged. The report lists each layer's "
+        "relative error and the memory saved. Refresh the page (R) to see the new file in the LoRA lists."
+    ),
+    inputs=(
+        In("lora_name", "COMBO", "LoRA file from models/loras to shrink (it is not changed).", options=_lora_names),
+        In(
+            "rank",
+            "INT",
+            "Cut every layer to this rank. 0 = use 'energy' instead.",
+            default=16,
+            min=0,
+            max=4096,
+            step=1,
+        ),
+        In(
+            "energy",
+            "FLOAT",
+            "With rank 0: per layer, keep the fewest singular values holding this share of the change's energy.",
+            default=0.99,
+            min=0.01,
+            max=1.0,
+            step=0.001,
+        ),
+        In(
+            "output_name",
+            "STRING",
+            "File name of the result (in the same folder). Empty: <name>_rank16.safetensors or "
+            "<name>_energy0.99.safetensors. An existing file is never overwritten.",
+            optional=True,
+            default="",
+        ),
+    ),
+    outputs=(Out("STRING", "report", "Per layer: old and new rank, relative error, GPU memory saved unmerged."),),
+    run=run_resize,
+    output_node=True,
+)
+
+
 def always_changed(**_kwargs) -> float:
     return math.nan
 
 
-NODE_DEFS: tuple[NodeDef, ...] = (LOAD_LORA, MERGE, CAST_FP8, VRAM_REPORT)
+NODE_DEFS: tuple[NodeDef, ...] = (LOAD_LORA, MERGE, CAST_FP8, VRAM_REPORT, RESIZE)

@@ -1,4 +1,3 @@
-# ruff: noqa: F811 -- the fixtures of test_nodes_unit are imported, and pytest passes them by name
 """Per-block strengths and text-encoder parts through the nodes, in-process, against ComfyUI's real classes.
 
 Block specs: merged at load through ComfyUI's load_models_gpu, switched in place in one pass like a strength.
@@ -13,23 +12,9 @@ import sys
 
 import pytest
 import torch
+from inprocess import assert_equal, fresh_merge, load, weights
 from lora_factory import TINY, FluxShape, write_lora
 from safetensors.torch import load_file
-from test_nodes_unit import (  # noqa: F401 -- fixtures shared with the other node tests
-    assert_equal,
-    base,
-    comfy,
-    fresh_merge,
-    lc,
-    load,
-    loras,
-    pack,
-    plain,
-    rt,
-    weights,
-)
-
-pytestmark = sys.modules["test_nodes_unit"].pytestmark
 
 
 def _entry(rt, lora, strength, spec):
@@ -41,17 +26,15 @@ def _weighted(pack, lora, spec):
 
 
 def test_block_spec_change_is_one_pass_in_place(lc, comfy, pack, rt, plain, base, loras, monkeypatch):
-    undos, merges = [], []
-    real_undo, real_merge = lc.undo, lc.merge_loras
+    undos = []
+    real_undo = lc.undo
     monkeypatch.setattr(lc, "undo", lambda model: (undos.append(model), real_undo(model)))
-    monkeypatch.setattr(lc, "merge_loras", lambda *a, **kw: (merges.append(a), real_merge(*a, **kw))[1])
     specs = ("single=0", "*=0.5, double.1=2, single.0=-1", "single only")
     patchers = [rt.attach_plan(plain, [_entry(rt, loras["a"], 0.8, spec)]) for spec in specs]
     for patcher, spec in zip(patchers, specs):
         load(comfy, patcher)
         assert_equal(weights(patcher), fresh_merge(pack, base, [(_weighted(pack, loras["a"], spec), 0.8)]))
     assert undos == [], "a block-spec change went through ComfyUI's unpatch instead of the one-pass switch"
-    assert len(merges) == 3
     tokens = [p.attachments[rt.ATTACHMENT].token for p in patchers]
     assert len(set(tokens)) == 3  # the plan token carries the block multipliers
     same = rt.attach_plan(plain, [_entry(rt, loras["a"], 0.8, "SINGLE ONLY")])
@@ -68,8 +51,17 @@ def test_block_spec_outside_the_model_fails_at_the_merge_node(pack, rt, plain, b
 
 def test_load_node_checks_the_spec_grammar_and_shows_it(pack, tmp_path, monkeypatch):
     defs = sys.modules[pack.__name__ + ".nodes.definitions"]
-    shape = FluxShape(hidden=32, depth=2, depth_single=2, heads=2, context_dim=48, vec_dim=24, time_dim=16,
-                      in_channels=16, out_channels=16)
+    shape = FluxShape(
+        hidden=32,
+        depth=2,
+        depth_single=2,
+        heads=2,
+        context_dim=48,
+        vec_dim=24,
+        time_dim=16,
+        in_channels=16,
+        out_channels=16,
+    )
     write_lora("bfl", tmp_path / "l.safetensors", shape, 2, 1)
     monkeypatch.setattr(defs.folder_paths, "get_full_path_or_raise", lambda kind, name: str(tmp_path / name))
     stack, text, clip = defs.run_load_lora("l.safetensors", 0.5, blocks="double only, double.1=0.5").values
@@ -81,8 +73,17 @@ def test_load_node_checks_the_spec_grammar_and_shows_it(pack, tmp_path, monkeypa
 
 # --------------------------------------------------------------------------------------------- text encoders
 
-TE_SHAPE = FluxShape(hidden=32, depth=1, depth_single=1, heads=2, context_dim=32, vec_dim=32, time_dim=16,
-                     in_channels=16, out_channels=16)
+TE_SHAPE = FluxShape(
+    hidden=32,
+    depth=1,
+    depth_single=1,
+    heads=2,
+    context_dim=32,
+    vec_dim=32,
+    time_dim=16,
+    in_channels=16,
+    out_channels=16,
+)
 CLIP_L = "clip_l.transformer.text_model.encoder.layers.0."
 T5 = "t5xxl.transformer.encoder.block.0.layer.0.SelfAttention."
 
@@ -99,8 +100,12 @@ def tiny_clip(comfy):
         tokenizer = flux.FluxTokenizer
 
     sizes = {
-        "clip_l_model_config": {"hidden_size": 32, "intermediate_size": 128, "num_hidden_layers": 1,
-                                "num_attention_heads": 2},
+        "clip_l_model_config": {
+            "hidden_size": 32,
+            "intermediate_size": 128,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+        },
         "t5xxl_model_config": {"d_model": 32, "d_kv": 16, "num_heads": 2, "d_ff": 64, "num_layers": 1},
     }
     clip = comfy.sd.CLIP(Target(), model_options={**sizes, "dtype": torch.float32})
@@ -127,14 +132,23 @@ def _te_delta(path, module: str) -> torch.Tensor:
 @pytest.mark.parametrize(
     ("fmt", "expected"),
     [
-        ("onetrainer", {"lora_te1_text_model_encoder_layers_0_self_attn_q_proj": CLIP_L + "self_attn.q_proj.weight",
-                        "lora_te2_encoder_block_0_layer_0_SelfAttention_q": T5 + "q.weight"}),
-        ("kohya", {"lora_te1_text_model_encoder_layers_0_self_attn_q_proj": CLIP_L + "self_attn.q_proj.weight",
-                   "lora_te1_text_model_encoder_layers_0_mlp_fc1": CLIP_L + "mlp.fc1.weight"}),
+        (
+            "onetrainer",
+            {
+                "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": CLIP_L + "self_attn.q_proj.weight",
+                "lora_te2_encoder_block_0_layer_0_SelfAttention_q": T5 + "q.weight",
+            },
+        ),
+        (
+            "kohya",
+            {
+                "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": CLIP_L + "self_attn.q_proj.weight",
+                "lora_te1_text_model_encoder_layers_0_mlp_fc1": CLIP_L + "mlp.fc1.weight",
+            },
+        ),
     ],
 )
-def test_text_encoder_keys_go_to_the_clip_through_comfyui(comfy, pack, tiny_clip, tmp_path, monkeypatch, fmt,
-                                                         expected):
+def test_text_encoder_keys_go_to_the_clip_through_comfyui(comfy, pack, tiny_clip, tmp_path, monkeypatch, fmt, expected):
     defs = sys.modules[pack.__name__ + ".nodes.definitions"]
     path = write_lora(fmt, tmp_path / f"{fmt}.safetensors", TE_SHAPE, 4, 3).path
     monkeypatch.setattr(defs.folder_paths, "get_full_path_or_raise", lambda kind, name: str(tmp_path / name))
@@ -193,3 +207,18 @@ def test_resized_lora_merges_the_same_in_comfyui_core_and_in_our_nodes(comfy, pa
         assert ((got[key].float() - want[key].float()).abs() <= ulp).all(), key
     load(comfy, plain)
     assert_equal(weights(plain), base)
+
+
+def test_resize_node_writes_a_smaller_copy_next_to_the_lora(pack, tmp_path, monkeypatch):
+    defs = sys.modules[pack.__name__ + ".nodes.definitions"]
+    write_lora("kohya", tmp_path / "big.safetensors", TINY, 8, 6)
+    monkeypatch.setattr(defs.folder_paths, "get_full_path_or_raise", lambda kind, name: str(tmp_path / name))
+    (text,) = defs.run_resize("big.safetensors", rank=3).values
+    assert "8 -> 3" in text and "less GPU memory when applied unmerged" in text
+    assert set(pack.lora_ops.load_lora(tmp_path / "big_rank3.safetensors").ranks) == {3}
+    (text,) = defs.run_resize("big.safetensors", rank=0, energy=0.5, output_name="half").values
+    assert (tmp_path / "half.safetensors").is_file() and "rel. error" in text
+    before = (tmp_path / "half.safetensors").read_bytes()
+    with pytest.raises(pack.lora_ops.LoRAOpsError, match="already exists"):
+        defs.run_resize("big.safetensors", rank=2, output_name="half.safetensors")
+    assert (tmp_path / "half.safetensors").read_bytes() == before

@@ -532,7 +532,7 @@ def test_fp8_cast_branch_next_to_plain_branch(comfy_server, base, loras):
 
 # --------------------------------------------------------------------------------------------- 6. registration
 
-OUR_NODES = ("LoadFluxLoRA", "MergeLoRAIntoModel", "CastFluxFP8", "VRAMReport")
+OUR_NODES = ("LoadFluxLoRA", "MergeLoRAIntoModel", "CastFluxFP8", "VRAMReport", "ResizeFluxLoRA")
 
 
 def _node_signature(info: dict) -> dict:

@@ -258,7 +258,7 @@ def _check_v1_class(cls) -> None:
     assert callable(getattr(cls, cls.FUNCTION))
 
 
-EXPECTED_NODES = {"LoadFluxLoRA", "MergeLoRAIntoModel", "CastFluxFP8", "VRAMReport"}
+EXPECTED_NODES = {"LoadFluxLoRA", "MergeLoRAIntoModel", "CastFluxFP8", "VRAMReport", "ResizeFluxLoRA"}
 
 
 def test_v3_registration(pack):
