@@ -105,3 +105,19 @@ def test_cli_refuses_broken_fp8_input(small_files, tmp_path, capsys):
     assert main(["cast", str(tmp_path / "zero.safetensors"), "--out", str(tmp_path / "o.safetensors")]) == 2
     assert "single_blocks.0.linear1.scale_weight" in capsys.readouterr().err
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_converting_between_the_two_formats_keeps_bits_and_drops_a_stale_header(small_files):
+    """comfy_quant file → scaled_fp8 file → comfy_quant file: the same fp8 bits and scales; the scaled_fp8 file has
+    no `_quantization_metadata` left (ComfyUI would trust it over the marker)."""
+    d, ckpt, _ = small_files
+    first, second, third = (d / f"conv{i}.safetensors" for i in range(3))
+    fp8.merge_checkpoint_fp8(ckpt, [], first, policy="default")
+    fp8.merge_checkpoint_fp8(first, [], second, policy="default", file_format="scaled_fp8")
+    fp8.merge_checkpoint_fp8(second, [], third, policy="default")
+    assert fp8.QUANT_METADATA not in SafetensorsFile(second).metadata
+    a, b, c = (fp8.load_fp8_state_dict(p) for p in (first, second, third))
+    assert (a.kind, b.kind, c.kind) == ("comfy_quant", "scaled_fp8", "comfy_quant")
+    for other in (b, c):
+        assert_same_bits(a.tensors, other.tensors)
+        assert_same_bits(a.scales, other.scales)
