@@ -13,7 +13,6 @@ from the offline progress callback, and, for the command line, by a real file-si
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import random
 import resource
@@ -28,6 +27,7 @@ import pytest
 import torch
 from lora_factory import TINY, base_state_dict, write_lora
 from safetensors.torch import save_file
+from tensor_checks import assert_same_bits, differing, sha256, snapshot
 
 import lora_ops.fp8 as fp8
 import lora_ops.offline as offline
@@ -53,30 +53,6 @@ class Cancelled(Exception):
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
-
-
-def snapshot(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in sd.items()}
-
-
-def same_bits(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
-    """Keys whose dtype or bits differ (torch.equal and the raw bits, so -0.0 != 0.0)."""
-    assert a.keys() == b.keys()
-    return [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])
-            or not torch.equal(bits(a[k]), bits(b[k]))]
-
-
-def assert_same(a, b, what: str) -> None:
-    bad = same_bits(a, b)
-    assert not bad, f"{what}: {len(bad)} weights differ, e.g. {bad[:3]}"
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def listing(d: Path) -> list[str]:
     return sorted(p.name for p in d.iterdir())  # hidden temporary files included
 
@@ -99,7 +75,7 @@ class Fault:
 
     def __call__(self, key: str, index: int, rows: int) -> None:
         if self._check_next and self.sd is not None:
-            self.rollback_checks.append(same_bits(self.sd, self.expect))
+            self.rollback_checks.append(differing(self.sd, self.expect))
             self._check_next = False
         call = self.calls
         self.calls += 1
@@ -176,9 +152,9 @@ def test_one_oom_at_a_random_tile_rolls_back_exactly_then_retries(base, stacks, 
                             options=MergeOptions(tile_bytes=TILE, min_tile_bytes=MIN_TILE, on_tile=fault))
     assert fault.raised == 1 and report.retries == 1
     assert fault.rollback_checks == [[]], f"rollback after the OOM at call {at}/{total} left {fault.rollback_checks}"
-    assert_same(sd, ref, f"{phase}: result after the retry")
+    assert_same_bits(sd, ref, f"{phase}: result after the retry")
     restore(sd, new_state, tile_bytes=TILE)
-    assert_same(sd, base, f"{phase}: restore after the retried call")
+    assert_same_bits(sd, base, f"{phase}: restore after the retried call")
 
 
 @pytest.mark.parametrize("phase", PHASES)
@@ -194,9 +170,9 @@ def test_oom_only_for_big_tiles_succeeds_with_smaller_tiles(base, stacks, phase)
     last_oom = max(i for i, r in enumerate(fault.rows) if r > limit)
     final_attempt = fault.rows[last_oom + 1 :]
     assert final_attempt and max(final_attempt) <= limit
-    assert_same(sd, ref, f"{phase}: result with the tile size that fits")
+    assert_same_bits(sd, ref, f"{phase}: result with the tile size that fits")
     restore(sd, new_state)
-    assert_same(sd, base, f"{phase}: restore")
+    assert_same_bits(sd, base, f"{phase}: restore")
 
 
 @pytest.mark.parametrize("phase", PHASES)
@@ -214,10 +190,10 @@ def test_oom_every_time_raises_after_halving_down_to_min_tile(base, stacks, phas
     with pytest.raises(torch.OutOfMemoryError):
         merge_loras(sd, target, state=state, options=opts, report=report)
     assert fault.raised == attempts and report.retries == attempts - 1
-    assert_same(sd, before, f"{phase}: model after the final out-of-memory error")
+    assert_same_bits(sd, before, f"{phase}: model after the final out-of-memory error")
     if state is not None:
         restore(sd, state, tile_bytes=TILE)  # the state passed in is still valid
-        assert_same(sd, base, f"{phase}: restore with the old state after the failure")
+        assert_same_bits(sd, base, f"{phase}: restore with the old state after the failure")
 
 
 def test_oom_after_some_weights_are_finished(base, stacks):
@@ -228,7 +204,7 @@ def test_oom_after_some_weights_are_finished(base, stacks):
     with pytest.raises(torch.OutOfMemoryError):
         merge_loras(sd, target, state=state, options=MergeOptions(tile_bytes=TILE, min_tile_bytes=TILE, on_tile=fault))
     assert len(set(keys)) >= 6
-    assert_same(sd, before, "model after an OOM in the 6th weight")
+    assert_same_bits(sd, before, "model after an OOM in the 6th weight")
 
 
 @pytest.mark.parametrize("phase", PHASES)
@@ -262,9 +238,9 @@ def test_oom_inside_the_tile_computation(base, stacks, phase, monkeypatch):
                             options=MergeOptions(tile_bytes=TILE, min_tile_bytes=MIN_TILE))
     monkeypatch.setattr(LoRA, "rows", original)
     assert report.retries == 1
-    assert_same(sd, ref, f"{phase}: result after an OOM inside LoRA.rows (call {at} of {total})")
+    assert_same_bits(sd, ref, f"{phase}: result after an OOM inside LoRA.rows (call {at} of {total})")
     restore(sd, new_state, tile_bytes=TILE)
-    assert_same(sd, base, f"{phase}: restore")
+    assert_same_bits(sd, base, f"{phase}: restore")
 
 
 # ------------------------------------------------------------------------------------------------ interrupts
@@ -282,12 +258,12 @@ def test_interrupt_at_a_random_tile_changes_nothing(base, stacks, phase, exc, dr
         merge_loras(sd, target, state=state, options=MergeOptions(tile_bytes=TILE, min_tile_bytes=MIN_TILE,
                                                                   on_tile=fault))
     assert fault.raised == 1, "an interrupt must not be retried"
-    assert_same(sd, before, f"{phase}: model after {exc.__name__} at tile call {at}/{total}")
+    assert_same_bits(sd, before, f"{phase}: model after {exc.__name__} at tile call {at}/{total}")
     # the state passed in still describes the model: the same call again gives the reference bits
     again = merge_loras(sd, target, state=state, tile_bytes=TILE)
-    assert_same(sd, ref, f"{phase}: the call repeated after the interrupt")
+    assert_same_bits(sd, ref, f"{phase}: the call repeated after the interrupt")
     restore(sd, again, tile_bytes=TILE)
-    assert_same(sd, base, f"{phase}: restore after the repeated call")
+    assert_same_bits(sd, base, f"{phase}: restore after the repeated call")
 
 
 def test_interrupt_in_the_progress_callback(base, stacks):
@@ -303,7 +279,7 @@ def test_interrupt_in_the_progress_callback(base, stacks):
 
     with pytest.raises(KeyboardInterrupt):
         merge_loras(sd, target, state=state, options=MergeOptions(tile_bytes=TILE, progress=progress))
-    assert_same(sd, before, "model after an interrupt in progress()")
+    assert_same_bits(sd, before, "model after an interrupt in progress()")
 
 
 # ------------------------------------------------------------------------------------------------ offline saves
@@ -454,7 +430,7 @@ def test_failure_with_exact_undo_off_changes_nothing(base, stacks, exc):
     with pytest.raises(exc):
         merge_loras(sd, target, options=MergeOptions(tile_bytes=TILE, min_tile_bytes=TILE, exact_undo=False,
                                                      on_tile=fault))
-    assert_same(sd, before, f"model after {exc.__name__} with exact_undo=False")
+    assert_same_bits(sd, before, f"model after {exc.__name__} with exact_undo=False")
 
 
 def test_offline_final_oom_leaves_nothing(offline_setup, monkeypatch):
@@ -528,7 +504,7 @@ def test_cpu_allocator_failure_is_retried_with_smaller_tiles(base, stacks):
 
     fault = Fault(cpu_oom, lambda call, key, index, rows: rows > 48, sd, before)
     merge_loras(sd, target, options=MergeOptions(tile_bytes=1 << 20, min_tile_bytes=MIN_TILE, on_tile=fault))
-    assert_same(sd, ref, "result after CPU out-of-memory retries")
+    assert_same_bits(sd, ref, "result after CPU out-of-memory retries")
 
 
 # ------------------------------------------------------------------------------------------------ fp8
@@ -567,9 +543,9 @@ def test_fp8_faults_roll_back_weights_and_scales(fp8_model, stacks, phase):
     new_state = fp8.merge_loras_fp8(sd, target, state=state, report=report,
                                     options=MergeOptions(tile_bytes=TILE, min_tile_bytes=MIN_TILE, on_tile=fault))
     assert report.retries == 1 and fault.rollback_checks == [[]], fault.rollback_checks
-    assert_same(sd, ref, f"fp8 {phase}: result after a retried OOM")
+    assert_same_bits(sd, ref, f"fp8 {phase}: result after a retried OOM")
     fp8.merge_loras_fp8(sd, [], state=new_state)
-    assert_same(sd, fp8_model, f"fp8 {phase}: restore")
+    assert_same_bits(sd, fp8_model, f"fp8 {phase}: restore")
     for make, kind in ((oom, torch.OutOfMemoryError), (KeyboardInterrupt, KeyboardInterrupt),
                        (Cancelled, Cancelled)):
         sd, state, target, before, _ = _fp8_phase(fp8_model, stacks, phase)
@@ -579,7 +555,7 @@ def test_fp8_faults_roll_back_weights_and_scales(fp8_model, stacks, phase):
         with pytest.raises(kind):
             fp8.merge_loras_fp8(sd, target, state=state, options=MergeOptions(tile_bytes=TILE, min_tile_bytes=TILE,
                                                                               on_tile=fault))
-        assert_same(sd, before, f"fp8 {phase}: after {kind.__name__}")
+        assert_same_bits(sd, before, f"fp8 {phase}: after {kind.__name__}")
 
 
 @pytest.mark.parametrize("where", ["data-middle", "fsync"])

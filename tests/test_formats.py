@@ -18,10 +18,9 @@ from lora_factory import (
     write_lora,
 )
 from safetensors import safe_open
+from tensor_checks import snapshot
 
-lora_ops = pytest.importorskip("lora_ops")
-if not hasattr(lora_ops, "load_lora") or not hasattr(lora_ops, "merge_loras"):
-    pytest.skip("lora_ops.load_lora / merge_loras not available yet", allow_module_level=True)
+import lora_ops
 
 RANK = 4
 SEED = 2024
@@ -103,13 +102,9 @@ def load(path, **kw):
         return lora_ops.load_lora(path, **kw)
 
 
-def clone(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in sd.items()}
-
-
 def merge(base: Mapping[str, torch.Tensor], parts: list[tuple[LoraCase, float]], legacy: bool = False,
           **kw) -> dict[str, torch.Tensor]:
-    sd = clone(base)
+    sd = snapshot(base)
     lora_ops.merge_loras(sd, [(load(c.path, legacy_split_qkv=legacy), s) for c, s in parts], **kw)
     return sd
 
@@ -202,7 +197,7 @@ def test_split_qkv(base, cases):
     case = cases["kohya_split_qkv"]
     with pytest.warns(lora_ops.LoRAFormatWarning, match="#2204"):
         lora = lora_ops.load_lora(case.path)
-    sd = clone(base)
+    sd = snapshot(base)
     lora_ops.merge_loras(sd, [(lora, 1.0)])
     check_against_oracle(base, [(case, 1.0)], sd, "kohya_split_qkv (default: per-split alpha/r)")
     for strength in STRENGTHS:
@@ -223,7 +218,7 @@ def test_sdxl_refused(cases):
 def test_wide_img_in_refused_at_merge(base, cases):
     case = cases["bfl_control_wide_img_in"]
     lora = load(case.path)
-    sd = clone(base)
+    sd = snapshot(base)
     with pytest.raises(lora_ops.LoRAOpsError, match="img_in"):
         lora_ops.merge_loras(sd, [(lora, 1.0)])
     assert set(sd) == set(base)

@@ -13,7 +13,6 @@ ComfyUI yet, so there are no node-level cases here.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -27,6 +26,7 @@ from pathlib import Path
 import hostile_files as hf
 import pytest
 import torch
+from tensor_checks import assert_same_bits, sha256, snapshot
 
 from lora_ops import errors, load_lora, merge_loras, restore
 from lora_ops.errors import LoRAFormatWarning, LoRAOpsError
@@ -46,14 +46,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fingerprint(*dirs: Path) -> dict[str, str]:
     """Every file (hidden ones included) under the folders -> its hash."""
     out = {}
@@ -61,22 +53,6 @@ def fingerprint(*dirs: Path) -> dict[str, str]:
         for p in sorted(d.rglob("*")):
             out[str(p)] = sha256(p) if p.is_file() else "<dir>"
     return out
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
-
-
-def snapshot(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in sd.items()}
-
-
-def assert_bit_identical(sd: dict[str, torch.Tensor], before: dict[str, torch.Tensor]) -> None:
-    assert sd.keys() == before.keys()
-    for k in before:
-        assert sd[k].dtype == before[k].dtype, k
-        assert torch.equal(sd[k], before[k]), f"{k} changed"
-        assert torch.equal(bits(sd[k]), bits(before[k])), f"{k}: bits changed (e.g. -0.0 vs 0.0)"
 
 
 def check_message(message: str, case: hf.Hostile, path: Path) -> None:
@@ -150,14 +126,14 @@ def test_merge_loras_refuses_and_changes_nothing(world, case):
         with pytest.raises(errors.ModelMismatchError) as caught:
             merge_loras(sd, stack, tile_bytes=4096)
         check_message(str(caught.value), case, path)
-        assert_bit_identical(sd, original)
+        assert_same_bits(sd, original)
     state = merge_loras(sd, [(good, 0.8)], tile_bytes=4096)
     merged = snapshot(sd)
     with pytest.raises(errors.ModelMismatchError):
         merge_loras(sd, [(good, 0.3), (lora, 1.0)], state=state, tile_bytes=4096)
-    assert_bit_identical(sd, merged)
+    assert_same_bits(sd, merged)
     restore(sd, state)
-    assert_bit_identical(sd, original)
+    assert_same_bits(sd, original)
     assert fingerprint(case_dir(world, case)) == before_files
 
 
@@ -204,7 +180,7 @@ def test_in_memory_model_that_is_not_flux(world):
     assert str(world["good"]) in message and "double_blocks.0.img_attn.qkv.weight" in message
     assert "does not have" in message and ADVICE.search(message)
     COUNTS["clear errors"] += 1
-    assert_bit_identical(sd, before)
+    assert_same_bits(sd, before)
 
 
 def test_missing_alpha_is_valid_scale_one_and_reported(world, tmp_path):
@@ -288,7 +264,7 @@ def test_merge_loras_refuses_a_non_finite_strength(world):
     before = snapshot(sd)
     with pytest.raises(LoRAOpsError):
         merge_loras(sd, [(load_good(world), float("nan"))])
-    assert_bit_identical(sd, before)
+    assert_same_bits(sd, before)
 
 
 def test_output_over_an_input_is_refused(world, cli, tmp_path):

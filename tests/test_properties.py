@@ -27,6 +27,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lora_factory import MERGE_FORMATS, base_state_dict, write_lora
+from tensor_checks import differing, snapshot
 
 from lora_ops import MergeOptions, load_lora, merge_loras, restore
 from lora_ops.errors import LoRAFormatWarning
@@ -96,19 +97,6 @@ strengths = st.floats(-2.0, 2.0, allow_nan=False, allow_infinity=False)
 tiles = st.builds(lambda e, f: int(2.0 ** (e + f)), st.integers(10, 19), st.floats(0.0, 1.0))
 
 
-def copy(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in sd.items()}
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
-
-
-def differing(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
-    assert a.keys() == b.keys()
-    return [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(bits(a[k]), bits(b[k]))]
-
-
 def ulps(a: torch.Tensor, b: torch.Tensor) -> int:
     """Largest distance in units in the last place between two same-dtype float tensors."""
     ints = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}[a.dtype]
@@ -172,7 +160,7 @@ def _ulp(t: torch.Tensor) -> torch.Tensor:
 
 
 def merged(cache, shape, stack, tile: int, state=None, sd=None):
-    sd = copy(cache.base(shape)) if sd is None else sd
+    sd = snapshot(cache.base(shape)) if sd is None else sd
     new_state = merge_loras(sd, stack, state=state, options=MergeOptions(tile_bytes=tile, min_tile_bytes=1024))
     return sd, new_state
 
@@ -222,7 +210,7 @@ def test_strength_changes_end_where_a_fresh_merge_does(cache, shape, specs, data
     COUNTS["strength changes"] += 1
     n = len(specs)
     runs = data.draw(st.lists(st.lists(strengths, min_size=n, max_size=n), min_size=2, max_size=5), label="runs")
-    sd, state = copy(cache.base(shape)), None
+    sd, state = snapshot(cache.base(shape)), None
     for values in runs:
         tile = data.draw(tiles, label="tile")
         sd, state = merged(cache, shape, cache.stack(shape, specs, values), tile, state=state, sd=sd)

@@ -66,8 +66,6 @@ def flux_tiny_state_dict(seed: int = FLUX_TINY_SEED, depth: int = 1, depth_singl
     """
     import torch
 
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
     from lora_ops.flux import FluxShape, flux_weight_shapes
 
     gen = torch.Generator().manual_seed(seed)

@@ -10,14 +10,9 @@ is kept between sessions (default: the session's pytest temp dir, regenerated ea
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
-
-if str(Path(__file__).resolve().parent) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from comfy_harness import (
     FLUX_TINY_SEED,
     ComfyServer,

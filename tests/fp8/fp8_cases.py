@@ -26,23 +26,6 @@ def fp32_reference(base, stack) -> dict[str, torch.Tensor]:
     return ref
 
 
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """The raw bits (so that NaN == NaN and -0 != 0)."""
-    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.dtype.itemsize])
-
-
-def snapshot(target) -> dict[str, torch.Tensor]:
-    items = target.state_dict().items() if isinstance(target, torch.nn.Module) else target.items()
-    return {k: v.detach().clone() for k, v in items}
-
-
-def assert_same_bits(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k].dtype == b[k].dtype, k
-        assert torch.equal(bits(a[k]), bits(b[k])), k
-
-
 def flux_module(sd: dict[str, torch.Tensor]) -> torch.nn.Module:
     """A bare torch module tree with Flux's Linear names (under `diffusion_model.`, as in ComfyUI)."""
     root = torch.nn.Module()

@@ -6,13 +6,8 @@ import json
 
 import pytest
 import torch
-from fp8_cases import (
-    E4M3,
-    QKV,
-    assert_same_bits,
-    flux_module,
-    snapshot,
-)
+from fp8_cases import E4M3, QKV, flux_module
+from tensor_checks import assert_same_bits, snapshot
 
 from lora_ops import fp8
 

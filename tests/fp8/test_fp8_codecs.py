@@ -4,14 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fp8_cases import (
-    E4M3,
-    QKV,
-    assert_same_bits,
-    bits,
-    flux_module,
-    snapshot,
-)
+from fp8_cases import E4M3, QKV, flux_module
+from tensor_checks import assert_same_bits, bits, snapshot
 
 from lora_ops import fp8
 from lora_ops.merge import MergeOptions, merge_loras

@@ -6,12 +6,8 @@ import json
 
 import pytest
 import torch
-from fp8_cases import (
-    E4M3,
-    QKV,
-    bits,
-    flux_module,
-)
+from fp8_cases import E4M3, QKV, flux_module
+from tensor_checks import bits
 
 from lora_ops import fp8
 from lora_ops.adapters import Diff, LoRA

@@ -7,14 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from fp8_cases import (
-    E4M3,
-    QKV,
-    TINY,
-    assert_same_bits,
-    fp32_reference,
-    snapshot,
-)
+from fp8_cases import E4M3, QKV, TINY, fp32_reference
+from tensor_checks import assert_same_bits, snapshot
 
 from lora_ops import fp8, load_lora
 from lora_ops.adapters import Diff, LoRA

@@ -6,11 +6,8 @@ import math
 
 import pytest
 import torch
-from fp8_cases import (
-    E4M3,
-    QKV,
-    bits,
-)
+from fp8_cases import E4M3, QKV
+from tensor_checks import bits
 
 from lora_ops import fp8
 

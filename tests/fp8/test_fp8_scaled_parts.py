@@ -10,8 +10,8 @@ import math
 
 import pytest
 import torch
-from fp8_cases import bits
 from lora_factory import TINY, base_state_dict, write_lora
+from tensor_checks import bits
 
 from lora_ops import LoRAOpsError, fp8, load_lora
 

@@ -6,12 +6,8 @@ import json
 
 import pytest
 import torch
-from fp8_cases import (
-    E4M3,
-    SMALL,
-    assert_same_bits,
-    file_sizes,
-)
+from fp8_cases import E4M3, SMALL, file_sizes
+from tensor_checks import assert_same_bits
 
 from lora_ops import fp8, load_lora
 from lora_ops.flux import flux_weight_shapes
