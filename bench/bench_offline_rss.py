@@ -164,11 +164,9 @@ def main() -> int:
     parser.add_argument("--tmp", default=None, help="directory for the checkpoints (needs ~2x the largest)")
     args = parser.parse_args()
 
+    from bench.bench_merge_cpu import machine
     from lora_ops.flux import FluxShape, parameter_count
     from lora_ops.synthetic import write_flux_checkpoint, write_kohya_lora
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_merge_cpu import machine
 
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in [str(root), os.environ.get("PYTHONPATH", "")] if p))

@@ -40,13 +40,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lora_ops import fp8  # noqa: E402
-from lora_ops.adapters import LoRA  # noqa: E402
-from lora_ops.flux import FLUX_DEV, FluxShape  # noqa: E402
-from lora_ops.formats import Coverage, LoRAFile  # noqa: E402
-from lora_ops.synthetic import flux_state_dict  # noqa: E402
+from lora_ops import GIB, fp8
+from lora_ops.adapters import LoRA
+from lora_ops.flux import FLUX_DEV, FluxShape
+from lora_ops.formats import Coverage, LoRAFile
+from lora_ops.synthetic import flux_state_dict
 
 E4M3 = torch.float8_e4m3fn
 LAYERS = {"qkv": "double_blocks.0.img_attn.qkv.weight", "mlp": "double_blocks.0.img_mlp.0.weight"}
@@ -158,7 +156,7 @@ def print_sizes() -> None:
           f"{s.bf16_bytes / 1e9:.3f} GB = {s.ratio:.3f}x (target <= 0.6: {'met' if s.ratio <= 0.6 else 'NOT met'})")
     print(f"Flux-dev (19+38 blocks), bf16 {2 * sum(math.prod(d) for d in _shapes(FLUX_DEV)) / 1e9:.2f} GB:")
     for name, size in fp8.preset_sizes(FLUX_DEV).items():
-        print(f"  {name:<8} {size.total / 1e9:7.2f} GB ({size.total / 2**30:6.2f} GiB) = {size.ratio:.3f}x bf16; "
+        print(f"  {name:<8} {size.total / 1e9:7.2f} GB ({size.total / GIB:6.2f} GiB) = {size.ratio:.3f}x bf16; "
               f"{size.fp8_tensors} fp8 tensors, {size.fp8_bytes / 1e9:.2f} GB fp8 + {size.other_bytes / 1e9:.2f} GB "
               "bf16")
 

@@ -19,6 +19,7 @@ from .formats import Coverage, LoRAFile, check_fits, load_lora
 from .merge import MergeOptions, MergeReport, MergeState, merge_loras, restore, terms_by_target
 from .resize import LayerResize, ResizeReport, resize_lora, unmerged_saving
 from .text_encoder import text_encoder_modules, text_encoder_tensors
+from .units import GIB, MIB
 from .verify import changes_on_copies, checksum, checksums
 
 __version__ = "0.1.0"
@@ -29,6 +30,7 @@ __all__ = [
     "BlockWeights",
     "FLUX_DEV",
     "FLUX_SCHNELL",
+    "GIB",
     "Coverage",
     "FluxShape",
     "LayerResize",
@@ -36,6 +38,7 @@ __all__ = [
     "LoRAFormatError",
     "LoRAFormatWarning",
     "LoRAOpsError",
+    "MIB",
     "MergeOptions",
     "MergeReport",
     "MergeState",

@@ -26,6 +26,7 @@ from .errors import LoRAOpsError, UndoError
 from .formats import LoRAFile, describe, load_lora
 from .merge import is_out_of_memory
 from .model_files import open_flux_checkpoint
+from .units import GIB
 
 Command = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Command]] = {}
@@ -237,7 +238,7 @@ def _cast(args: argparse.Namespace) -> int:
                                    rounding=args.rounding, seed=args.seed, fp8_matmul=args.fp8_matmul,
                                    file_format=args.file_format)
     print(f"wrote {summary['out']}: {summary['fp8_tensors']} of {summary['tensors']} tensors in fp8 "
-          f"(policy {summary['policy']}, {summary['format']} format), {summary['bytes'] / 2**30:.2f} GiB in "
+          f"(policy {summary['policy']}, {summary['format']} format), {summary['bytes'] / GIB:.2f} GiB in "
           f"{time.perf_counter() - start:.1f} s")
     return 0
 

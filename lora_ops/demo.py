@@ -18,11 +18,12 @@ from .flux import FluxShape, parameter_count
 from .formats import load_lora
 from .merge import MergeReport, merge_loras, restore
 from .synthetic import flux_state_dict, kohya_lora_tensors
+from .units import GIB, MIB
 
 
 def _rss_mib() -> float:
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+        return int(f.read().split()[1]) * resource.getpagesize() / MIB
 
 
 def run_demo(blocks: int = 1, rank: int = 32, device: str = "cpu") -> int:
@@ -39,7 +40,7 @@ def run_demo(blocks: int = 1, rank: int = 32, device: str = "cpu") -> int:
         lora = load_lora(path)
     sample = ["double_blocks.0.img_attn.qkv.weight", f"single_blocks.{blocks - 1}.linear1.weight"]
     originals = {k: weights[k].clone() for k in sample}
-    print(f"LoRA: kohya format, rank {rank}, {len(lora.targets)} layers, {lora.nbytes / 2**20:.0f} MiB")
+    print(f"LoRA: kohya format, rank {rank}, {len(lora.targets)} layers, {lora.nbytes / MIB:.0f} MiB")
 
     report = MergeReport()
     rss_before = _rss_mib()
@@ -48,11 +49,11 @@ def run_demo(blocks: int = 1, rank: int = 32, device: str = "cpu") -> int:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    merged_gib = report.elements * 2 / 2**30
+    merged_gib = report.elements * 2 / GIB
     print(f"Merged {report.keys} weights ({merged_gib:.2f} GiB) in place in {seconds:.2f} s "
           f"({merged_gib / seconds:.2f} GiB/s).")
-    print(f"Working memory: tiles of up to {report.tile_rows_max} rows, {report.peak_tile_bytes / 2**20:.1f} MiB; "
-          f"exact-undo journal {state.journal_bytes / 2**20:.1f} MiB "
+    print(f"Working memory: tiles of up to {report.tile_rows_max} rows, {report.peak_tile_bytes / MIB:.1f} MiB; "
+          f"exact-undo journal {state.journal_bytes / MIB:.1f} MiB "
           f"({state.journal_bytes / (report.elements * 2):.1%} of the merged weights); "
           f"process RSS {rss_before:.0f} -> {_rss_mib():.0f} MiB.")
 

@@ -30,6 +30,7 @@ from .formats import LoRAFile, check_fits
 from .heap import trim_heap
 from .journal import Arithmetic, Journal, differing_bits, fingerprint, threads_of
 from .rows import DEFAULT_TILE_BYTES, Term, tile_budget, tile_rows_for, working_bytes  # noqa: F401 (planner, bench)
+from .units import MIB
 
 
 class Codec:
@@ -105,7 +106,7 @@ class MergeOptions:
     on_tile: Callable[[str, int, int], None] | None = None  # (key, tile index, rows); may raise to cancel
     progress: Callable[[int, int], None] | None = None  # (elements done, elements total)
     codec_for: Callable[[str, torch.Tensor], Codec] | None = None
-    min_tile_bytes: int = 1 << 20  # out-of-memory retries halve the tile down to this
+    min_tile_bytes: int = MIB  # out-of-memory retries halve the tile down to this
     exact_undo: bool = True  # keep the journal after the call (off for merges into a copy, e.g. the offline writer)
 
 

@@ -27,6 +27,7 @@ from .formats import UNMERGED_BYTES_PER_PARAM, LoRAFile, load_lora
 from .formats.factor_keys import SUFFIXES, split_key
 from .model_files import refuse_overwriting_inputs
 from .safetensors_io import SafetensorsFile, StreamingWriter
+from .units import MIB
 
 
 @dataclass(frozen=True)
@@ -57,12 +58,12 @@ class ResizeReport:
             ranks = f"{layer.old_rank or '-'} -> {layer.new_rank or '-'}"
             lines.append(
                 f"{layer.module[:60]:<60} {layer.kind:<5} {ranks:>11} {layer.relative_error:>10.4f} "
-                f"{layer.saved_bytes / 2**20:>9.2f}"
+                f"{layer.saved_bytes / MIB:>9.2f}"
             )
         worst = max((layer.relative_error for layer in self.layers), default=0.0)
         lines.append(
             f"wrote {self.out}: {len(self.layers)} layers, worst relative error {worst:.4f}, "
-            f"{self.saved_bytes / 2**20:.1f} MiB less GPU memory when applied unmerged"
+            f"{self.saved_bytes / MIB:.1f} MiB less GPU memory when applied unmerged"
         )
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)

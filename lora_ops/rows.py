@@ -13,8 +13,9 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from .adapters import ROW_BLOCK, Adapter, DoRA
+from .units import GIB, MIB
 
-DEFAULT_TILE_BYTES = 64 * 1024 * 1024
+DEFAULT_TILE_BYTES = 64 * MIB
 MIN_TILE_ROWS = 32
 #: fp32 buffers alive per tile row in the merge engine: stored→fp32, base, sum of deltas, two adapter scratch,
 #: recovery. The fp8 quantiser keeps more (scaled values and stochastic-rounding temporaries): FP8_BUFFERS.
@@ -22,7 +23,7 @@ MERGE_BUFFERS = 6
 FP8_BUFFERS = 12
 #: With a GPU's free memory known, the tile budget is this fraction of it (never above MAX_TILE_BYTES).
 FREE_MEMORY_SHARE = 8
-MAX_TILE_BYTES = 1 << 30
+MAX_TILE_BYTES = GIB
 
 Term = tuple[Adapter, float]
 
@@ -59,7 +60,7 @@ def tile_budget(device: torch.device, requested: int | None) -> int:
         return DEFAULT_TILE_BYTES
     free, _ = torch.cuda.mem_get_info(device)
     share = min(MAX_TILE_BYTES, free // FREE_MEMORY_SHARE)
-    return share if share >= DEFAULT_TILE_BYTES else min(DEFAULT_TILE_BYTES, max(free // 2, 1 << 20))
+    return share if share >= DEFAULT_TILE_BYTES else min(DEFAULT_TILE_BYTES, max(free // 2, MIB))
 
 
 def add_terms(out: torch.Tensor, terms: Sequence[Term], r0: int, r1: int, base: torch.Tensor | None) -> None:

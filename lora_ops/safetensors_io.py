@@ -17,9 +17,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import UnsafeFileError
+from .units import MIB
 
 #: Largest header we read: a Flux checkpoint's header is ~100 KiB, a LoRA's a few MiB.
-MAX_HEADER_BYTES = 64 * 1024 * 1024
+MAX_HEADER_BYTES = 64 * MIB
 
 DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,

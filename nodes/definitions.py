@@ -16,7 +16,7 @@ from typing import Any
 
 import folder_paths
 
-from ..lora_ops import BLOCK_SPEC_GRAMMAR, LoRAOpsError, describe_blocks, parse_block_spec, resize_lora
+from ..lora_ops import BLOCK_SPEC_GRAMMAR, GIB, MIB, LoRAOpsError, describe_blocks, parse_block_spec, resize_lora
 from ..lora_ops.fp8 import PRESETS, ROUNDINGS
 from . import library, runtime, text_encoder, vram
 
@@ -84,7 +84,7 @@ def _coverage_text(name: str, strength: float, lora, messages: tuple[str, ...], 
     lines = [
         f"{name} @ strength {strength:g}" + (f", block strengths: {blocks}" if blocks else ""),
         f"format: {lora.format}; {len(lora.targets)} Flux weights changed ({kinds}; {ranks}); "
-        f"{lora.nbytes / 2**20:.1f} MiB of factors",
+        f"{lora.nbytes / MIB:.1f} MiB of factors",
         describe_blocks(lora),
         lora.coverage.summary(),
     ]
@@ -263,7 +263,7 @@ def run_cast_fp8(model, policy: str = "default", rounding: str = "nearest", fp8_
     before = model.model_size()
     text = (
         f"at load: {plan.describe()}\n"
-        f"model size {before / 2**30:.2f} GiB -> {cast.model_size() / 2**30:.2f} GiB; the 16-bit originals are "
+        f"model size {before / GIB:.2f} GiB -> {cast.model_size() / GIB:.2f} GiB; the 16-bit originals are "
         "not modified (ComfyUI swaps them back for other branches)"
     )
     return Result((cast,), text)

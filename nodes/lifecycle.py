@@ -62,7 +62,7 @@ import comfy.model_management
 import comfy.utils
 import torch
 
-from ..lora_ops import LoRAFile, MergeOptions, MergeState, UndoError
+from ..lora_ops import MIB, LoRAFile, MergeOptions, MergeState, UndoError
 from . import quantized
 from .dynamic import is_dynamic, load_dynamic, saved_weight
 from .fp8_slots import fill_slots, make_step, release_slots, slot_numel
@@ -269,7 +269,7 @@ def _merge_at_load(patcher, plan: MergePlan, original_load, load_args: tuple, lo
         "Flux LoRA Ops: applied %s (%d weights merged in place, undo journal %.1f MiB)",
         plan.describe(),
         len(touched),
-        state.journal_bytes / 2**20,
+        state.journal_bytes / MIB,
     )
     return out
 

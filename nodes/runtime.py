@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 
-from ..lora_ops import LoRAOpsError, block_counts, parse_block_spec
+from ..lora_ops import MIB, LoRAOpsError, block_counts, parse_block_spec
 from .compat import require_supported
 from .lifecycle import apply_plan
 from .model_view import check_model, original_params
@@ -72,4 +72,4 @@ def describe_model_state(model) -> str:
     rec = record_of(model)
     if rec is None:
         return "no LoRA merged"
-    return f"merged {rec.names}; undo journal {rec.state.journal_bytes / 2**20:.1f} MiB"
+    return f"merged {rec.names}; undo journal {rec.state.journal_bytes / MIB:.1f} MiB"

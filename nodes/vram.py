@@ -11,9 +11,8 @@ import psutil
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from ..lora_ops import GIB
 from .runtime import describe_model_state
-
-GIB = 1 << 30
 
 
 @dataclass

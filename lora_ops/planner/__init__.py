@@ -20,6 +20,8 @@ By job: `inputs` (the request, model and LoRA headers), `companions` (encoders, 
 (the verdict and the search for the cheapest fix).
 """
 
+from ..formats import UNMERGED_BYTES_PER_PARAM
+from ..units import GIB, MIB
 from .activations import ACTIVATION_FORMULA, activation_points, tokens_for
 from .companions import (
     MISTRAL_SMALL_3_1,
@@ -44,7 +46,7 @@ from .inputs import (
     PlanRequest,
     kohya_lora_params,
 )
-from .memory import CUDA_RESERVE_BYTES, GIB, MIB, UNMERGED_BYTES_PER_PARAM, fp8_policy_dtype
+from .memory import CUDA_RESERVE_BYTES, fp8_policy_dtype
 from .result import Plan
 
 __all__ = [

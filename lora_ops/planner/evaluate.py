@@ -9,10 +9,12 @@ from pathlib import Path
 import torch
 
 from ..flux import FluxShape, is_block_linear
+from ..formats import UNMERGED_BYTES_PER_PARAM
+from ..units import GIB
 from .activations import activation_points, tokens_for
 from .companions import text_encoder_for
 from .inputs import LoRAInfo, ModelInfo, PlanRequest, check_request, read_loras, read_model
-from .memory import GIB, UNMERGED_BYTES_PER_PARAM, encoder_bytes, merge_temporaries, weight_dtypes, weights_by_dtype
+from .memory import encoder_bytes, merge_temporaries, weight_dtypes, weights_by_dtype
 from .result import Plan
 
 

@@ -11,16 +11,12 @@ from .. import fp8
 from ..errors import LoRAOpsError
 from ..flux import FluxShape
 from ..merge import tile_rows_for, working_bytes
+from ..units import GIB
 from .companions import CLIP_L_WIDTH, clip_l_text_params, text_encoder_for, vae_params
 from .inputs import WEIGHT_POLICIES, LoRAInfo, ModelInfo, PlanRequest
 
-GIB = 1 << 30
-MIB = 1 << 20
-
 #: CUDA context, cuBLAS/cuDNN workspaces and allocator slack that a card's total never offers.
 CUDA_RESERVE_BYTES = GIB // 2
-#: kohya's runtime LoRA: fp32 nn.Linear factors (4 B) + the bf16 copy autocast caches (2 B).
-UNMERGED_BYTES_PER_PARAM = 6
 
 _FP8 = torch.float8_e4m3fn
 _DTYPE_OF_POLICY = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": _FP8}

@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from ..formats import UNMERGED_BYTES_PER_PARAM
+from ..units import GIB, MIB
 from .activations import ACTIVATION_FORMULA
 from .inputs import PlanRequest
-from .memory import CUDA_RESERVE_BYTES, GIB, MIB, UNMERGED_BYTES_PER_PARAM
+from .memory import CUDA_RESERVE_BYTES
 
 
 @dataclass

@@ -14,11 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from lora_factory import TINY, base_state_dict, write_lora
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lora_factory import TINY, base_state_dict, write_lora  # noqa: E402
 
 
 def import_pack(name: str, force_v1: bool = False):
