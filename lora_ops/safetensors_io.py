@@ -138,6 +138,17 @@ class SafetensorsFile:
 
 def _read_validated_header(path: Path) -> tuple[dict, dict[str, str], int]:
     """Check everything `safe_open` would (and a size limit) before a tensor is read; never unpickle."""
+    raw, header_len, size = _read_header_bytes(path)
+    header, metadata = _parse_header(path, raw)
+    data_start = 8 + header_len
+    data_len = size - data_start
+    spans = [_check_entry(path, key, info, data_len) for key, info in header.items()]
+    _check_tiling(path, spans, data_len)
+    return header, metadata, data_start
+
+
+def _read_header_bytes(path: Path) -> tuple[bytes, int, int]:
+    """The raw JSON header, its length and the file size; refuses pickles, truncated files and absurd header lengths."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -163,9 +174,13 @@ def _read_validated_header(path: Path) -> tuple[dict, dict[str, str], int]:
                 )
             if 8 + header_len > size:
                 raise _refuse(path, f"header length {header_len} runs past the end of the {size}-byte file (truncated)")
-            raw = f.read(header_len)
+            return f.read(header_len), header_len, size
     except OSError as e:
         raise UnsafeFileError(f"{path}: cannot read file: {e.strerror or e}. Check the path and permissions.") from None
+
+
+def _parse_header(path: Path, raw: bytes) -> tuple[dict, dict[str, str]]:
+    """(tensor entries, metadata) from the JSON header; duplicate keys and non-string metadata refused."""
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
@@ -177,35 +192,39 @@ def _read_validated_header(path: Path) -> tuple[dict, dict[str, str], int]:
     metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise _refuse(path, "__metadata__ must map strings to strings")
-    data_start = 8 + header_len
-    data_len = size - data_start
-    spans = []
-    for key, info in header.items():
-        if not isinstance(info, dict):
-            raise _refuse(path, f"entry {key!r} is not an object")
-        dtype = info.get("dtype")
-        shape = info.get("shape")
-        offsets = info.get("data_offsets")
-        if dtype not in DTYPES:
-            raise _refuse(path, f"tensor {key!r} has unsupported dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-            raise _refuse(path, f"tensor {key!r} has an invalid shape {shape!r}")
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(_is_int(o) and o >= 0 for o in offsets)
-            or offsets[0] > offsets[1]
-        ):
-            raise _refuse(path, f"tensor {key!r} has invalid data_offsets {offsets!r}")
-        numel = 1
-        for d in shape:
-            numel *= d
-        if offsets[1] - offsets[0] != numel * _itemsize(DTYPES[dtype]):
-            raise _refuse(path, f"tensor {key!r}: {offsets[1] - offsets[0]} bytes stored for shape {shape} {dtype}")
-        if offsets[1] > data_len:
-            raise _refuse(path, f"tensor {key!r} runs past the end of the file (truncated download?)")
-        spans.append((offsets[0], offsets[1], key))
-    # Like safetensors itself: the tensors tile the data area exactly, in offset order, no gaps, no overlaps.
+    return header, metadata
+
+
+def _check_entry(path: Path, key: str, info: object, data_len: int) -> tuple[int, int, str]:
+    """One tensor's dtype, shape and byte span, checked against each other and the data area."""
+    if not isinstance(info, dict):
+        raise _refuse(path, f"entry {key!r} is not an object")
+    dtype = info.get("dtype")
+    shape = info.get("shape")
+    offsets = info.get("data_offsets")
+    if dtype not in DTYPES:
+        raise _refuse(path, f"tensor {key!r} has unsupported dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise _refuse(path, f"tensor {key!r} has an invalid shape {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_int(o) and o >= 0 for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise _refuse(path, f"tensor {key!r} has invalid data_offsets {offsets!r}")
+    numel = 1
+    for d in shape:
+        numel *= d
+    if offsets[1] - offsets[0] != numel * _itemsize(DTYPES[dtype]):
+        raise _refuse(path, f"tensor {key!r}: {offsets[1] - offsets[0]} bytes stored for shape {shape} {dtype}")
+    if offsets[1] > data_len:
+        raise _refuse(path, f"tensor {key!r} runs past the end of the file (truncated download?)")
+    return offsets[0], offsets[1], key
+
+
+def _check_tiling(path: Path, spans: list[tuple[int, int, str]], data_len: int) -> None:
+    """Like safetensors itself: the tensors tile the data area exactly, in offset order, no gaps, no overlaps."""
     spans.sort()
     end, previous = 0, None
     for begin, stop, key in spans:
@@ -217,7 +236,6 @@ def _read_validated_header(path: Path) -> tuple[dict, dict[str, str], int]:
         end, previous = stop, key
     if end != data_len:
         raise _refuse(path, f"{data_len - end} bytes after the last tensor ({previous!r}) belong to no tensor")
-    return header, metadata, data_start
 
 
 class StreamingWriter:

@@ -13,6 +13,7 @@ import warnings
 import pytest
 import torch
 from lora_factory import TINY, base_state_dict, write_lora
+from tensor_checks import differing, snapshot
 
 import lora_ops.merge as engine
 from lora_ops import LoRAOpsError, MergeOptions, MergeReport, load_lora, merge_loras, restore
@@ -23,18 +24,8 @@ from lora_ops.merge import Arithmetic
 from lora_ops.synthetic import write_kohya_lora
 
 TILE = 8 * 1024  # several tiles per weight
-INTS = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def snapshot(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in sd.items()}
-
-
-def differing(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
-    """Keys whose bits differ (-0.0 vs 0.0 counts)."""
-    return [k for k in a if not torch.equal(a[k].view(INTS[a[k].element_size()]), b[k].view(INTS[b[k].element_size()]))]
 
 
 @pytest.fixture(scope="module")
