@@ -22,9 +22,8 @@ from .blocks import (
     parse_block_spec,
     with_block_weights,
 )
-from .errors import LoRAOpsError, UndoError
+from .errors import LoRAOpsError, UndoError, is_out_of_memory
 from .formats import LoRAFile, describe, load_lora
-from .merge import is_out_of_memory
 from .model_files import open_flux_checkpoint
 from .units import GIB
 

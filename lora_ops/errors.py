@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 #: The advice for a file whose contents cannot be right.
 FIX_BROKEN = "The file is corrupt or was saved by a broken tool: download or export it again."
 
@@ -37,3 +39,11 @@ class UndoError(RuntimeError):
 
 class LoRAFormatWarning(UserWarning):
     """A LoRA file loaded, but part of it was skipped or reinterpreted."""
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA raises torch.OutOfMemoryError, Python MemoryError; torch's CPU allocator a plain RuntimeError."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("can't allocate memory" in text or "DefaultCPUAllocator" in text)

@@ -150,9 +150,16 @@ def fingerprint(rows: torch.Tensor, row0: int) -> torch.Tensor:
     Fixed multipliers a (per row) and b (per 16-bit column) in [1, 32749]: any single changed element
     changes the sum, and so does any pattern of changes short of a deliberate one (±1 ulp errors do not
     cancel as they can in plain row and column sums). Tiles' results add up to the whole weight's. The
-    per-row sums are float64 matrix-vector products of integers below 2^53, so exact in any order.
+    per-row sums are integers below 2^53, taken modulo 2^32: numpy's wrapping int32 einsum on the CPU (a
+    sixth of one fp32 conversion pass) and an exact float64 matrix-vector product elsewhere agree.
     """
     matrix = rows.reshape(rows.shape[0], -1) if rows.dim() != 2 else rows
     bits = matrix.view(torch.uint8 if matrix.element_size() == 1 else torch.int16)  # 32-bit: two halves
-    per_row = torch.mv(bits.to(torch.float64), _mix(0, bits.shape[1], 1, matrix.device, torch.float64))
-    return per_row.to(torch.int64).mul_(_mix(row0, row0 + bits.shape[0], 2, matrix.device)).sum().reshape(1)
+    if bits.device.type == "cpu":  # int32 arithmetic wraps: the low 32 bits of each exact row sum
+        columns = _mix(0, bits.shape[1], 1, bits.device, torch.int32).numpy()
+        per_row = torch.from_numpy(np.einsum("ij,j->i", bits.contiguous().numpy(), columns)).to(torch.int64)
+    else:
+        per_row = torch.mv(bits.to(torch.float64), _mix(0, bits.shape[1], 1, bits.device, torch.float64))
+        per_row = per_row.to(torch.int64)
+    per_row = per_row.bitwise_and_(0xFFFFFFFF)
+    return per_row.mul_(_mix(row0, row0 + bits.shape[0], 2, bits.device)).sum().reshape(1)

@@ -24,47 +24,13 @@ import torch
 
 from . import rows
 from .adapters import ROW_BLOCK, DoRA
-from .errors import LoRAOpsError, ModelMismatchError, UndoError
+from .errors import LoRAOpsError, ModelMismatchError, UndoError, is_out_of_memory
 from .flux import strip_model_prefix
 from .formats import LoRAFile, check_fits
 from .heap import trim_heap
 from .journal import Arithmetic, Journal, differing_bits, fingerprint, threads_of
-from .rows import DEFAULT_TILE_BYTES, Term, tile_budget, tile_rows_for, working_bytes  # noqa: F401 (planner, bench)
+from .rows import DEFAULT_TILE_BYTES, Codec, Term, tile_budget, tile_rows_for, working_bytes  # noqa: F401 (planner)
 from .units import MIB
-
-
-class Codec:
-    """How a weight is stored: decode rows to fp32, encode fp32 rows back (round once).
-
-    The default stores in the tensor's own float dtype with round-to-nearest. fp8 codecs with
-    scales plug in here (see lora_ops.fp8).
-
-    `role` names the encoding meant, for codecs whose encoding changes during a merge (an fp8 weight
-    that gets a fresh scale): "current" = the bits stored before this call writes them, "new" = what
-    this call writes, "base" = the original, LoRA-free weight (the journal's truth). Hooks, once per
-    weight: `begin` after DoRA norms and before the first tile is written, `commit` after its last tile,
-    `rollback` after its tiles were undone.
-    """
-
-    def __init__(self, dtype: torch.dtype) -> None:
-        self.dtype = dtype
-
-    def decode(self, stored: torch.Tensor, role: str = "current") -> torch.Tensor:
-        return stored.float()
-
-    def encode(self, values: torch.Tensor, key: str, row0: int, role: str = "new") -> torch.Tensor:
-        return values.to(self.dtype)
-
-    def begin(self, merged: Callable[[], Iterator[tuple[int, torch.Tensor]]] | None, had_terms: bool,
-              kept: dict[str, object]) -> None:
-        """`merged()` yields (first row, fp32 rows as this call will write them) per tile (None: the weight is
-        being restored); `had_terms`: the weight holds LoRA terms now; `kept`: what codecs keep between calls."""
-
-    def commit(self) -> None:
-        pass
-
-    def rollback(self) -> None:
-        pass
 
 
 @dataclass
@@ -150,7 +116,8 @@ class _KeyJob:
     """One weight's transition from `old` terms to `new` terms, tile by tile."""
 
     def __init__(self, key: str, weight: torch.Tensor, old: list[Term], new: list[Term], journal: Journal | None,
-                 codec: Codec, arithmetic: Arithmetic, state: MergeState, exact_undo: bool = True) -> None:
+                 codec: Codec, arithmetic: Arithmetic, state: MergeState, exact_undo: bool = True,
+                 workspace: rows.Workspace | None = None) -> None:
         self.key = key
         self.arithmetic = arithmetic
         device = torch.device(arithmetic.device)
@@ -169,6 +136,7 @@ class _KeyJob:
         self.written: list[tuple[int, int]] = []
         zeros = torch.zeros(1, dtype=torch.int64, device=device)
         self.base_print, self.before_print = zeros, zeros.clone()  # fingerprints of the written rows
+        self.workspace = workspace or rows.Workspace()
         self.load_terms()
 
     def load_terms(self) -> None:
@@ -188,8 +156,26 @@ class _KeyJob:
         self.old = self.new = None
 
     # --- deltas -------------------------------------------------------------------------------
-    def _delta(self, terms, r0: int, r1: int, base: torch.Tensor | None) -> torch.Tensor:
-        return rows.delta(terms, r0, r1, self.matrix.shape[1], self.device, base)
+    def _delta(self, terms, r0: int, r1: int, base: torch.Tensor | None, slot: str | None = None) -> torch.Tensor:
+        out = self._scratch(slot, r1 - r0, torch.float32)
+        if out is None:
+            return rows.delta(terms, r0, r1, self.matrix.shape[1], self.device, base)
+        rows.add_terms(out.zero_(), terms, r0, r1, base)
+        return out
+
+    def _scratch(self, slot: str | None, n_rows: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """A reused tile buffer for the default codec (others make their own tensors)."""
+        if slot is None or type(self.codec) is not Codec:
+            return None
+        return self.workspace.take(slot, (n_rows, self.matrix.shape[1]), dtype, self.device)
+
+    def _decode(self, stored: torch.Tensor, role: str, slot: str | None = None) -> torch.Tensor:
+        out = self._scratch(slot, stored.shape[0], torch.float32)
+        return self.codec.decode(stored, role) if out is None else out.copy_(stored)
+
+    def _encode(self, values: torch.Tensor, r0: int, role: str, slot: str | None = None) -> torch.Tensor:
+        out = self._scratch(slot, values.shape[0], self.codec.dtype)
+        return self.codec.encode(values, self.key, r0, role) if out is None else out.copy_(values)
 
     def _before(self, stored: torch.Tensor, terms, linear: bool, r0: int, r1: int,
                 delta: torch.Tensor | None = None) -> torch.Tensor:
@@ -198,14 +184,16 @@ class _KeyJob:
         Linear kinds: stored − Δ. Base-dependent kinds (DoRA, set): two fixed-point steps. The
         journal records where the rounded estimate misses, so the estimate need not be perfect.
         """
+        if linear and delta is not None:
+            return stored.sub_(delta)  # `stored` is this tile's scratch copy
         if linear:
-            return stored - (delta if delta is not None else self._delta(terms, r0, r1, None))
+            return stored - self._delta(terms, r0, r1, None)
         estimate = stored - self._delta(terms, r0, r1, stored)
         return stored - self._delta(terms, r0, r1, estimate)
 
     # --- tiles --------------------------------------------------------------------------------
-    def _read(self, r0: int, r1: int, role: str = "current") -> torch.Tensor:
-        return self.codec.decode(self.matrix[r0:r1].to(self.device), role)
+    def _read(self, r0: int, r1: int, role: str = "current", slot: str | None = None) -> torch.Tensor:
+        return self._decode(self.matrix[r0:r1].to(self.device), role, slot)
 
     def _fix(self, stored: torch.Tensor, fix) -> torch.Tensor:
         if fix is not None:
@@ -214,18 +202,13 @@ class _KeyJob:
 
     def base_rows(self, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The exact original rows (fp32, stored form), recovered from the current weights."""
-        current = self._read(r0, r1)
+        current = self._read(r0, r1, slot="base")
         if not self.old:
             return current, self.matrix[r0:r1].to(self.device)
         stored = self.codec.encode(self._before(current, self.old, self.old_linear, r0, r1), self.key, r0, "base")
         cols = self.matrix.shape[1]
         stored = self._fix(stored, self.journal.lookup(r0 * cols, r1 * cols) if self.journal else None)
         return self.codec.decode(stored, "base"), stored
-
-    def merged_rows(self, r0: int, r1: int) -> torch.Tensor:
-        """fp32 rows [r0, r1) as this call will write them, before rounding; writes nothing."""
-        base, _ = self.base_rows(r0, r1)
-        return base + self._delta(self.new, r0, r1, base)
 
     def merged_tiles(self, tile_rows: int) -> Iterator[tuple[int, torch.Tensor]]:
         """(first row, fp32 rows as this call will write them, before rounding) per tile; writes nothing."""
@@ -242,29 +225,31 @@ class _KeyJob:
                 self.state.dora_norms[(self.key, id(original))] = dev_adapter.norms
 
     def run_tile(self, r0: int, r1: int) -> None:
+        """Write rows [r0, r1) of the new stack; journal what undo and a rollback need, then write."""
         current_stored = self.matrix[r0:r1].to(self.device, copy=True) if self.old else None
         base, base_stored = self.base_rows(r0, r1)
         base_print = fingerprint(base_stored, r0)
         before_print = fingerprint(current_stored, r0) if self.old else base_print
-        delta = self._delta(self.new, r0, r1, base)
-        # No new terms: write the recovered original bits themselves (base + 0 would turn -0 into +0).
-        out_stored = self.codec.encode(base + delta, self.key, r0, "new") if self.new else base_stored.clone()
+        delta = self._delta(self.new, r0, r1, base, slot="delta")
+        if self.new:  # base is not needed once the change is computed: merge into it
+            out_stored = self._encode(base.add_(delta) if base is not base_stored else base + delta, r0, "new", "out")
+        else:  # write the recovered original bits themselves (base + 0 would turn -0 into +0)
+            out_stored = base_stored.clone()
         if self.new or self.old:  # recorded even without exact_undo: a failure must roll back exactly
-            out = self.codec.decode(out_stored, "new")
+            out = self._decode(out_stored, "new", slot="base")
+            before = self._before(out, self.new, self.new_linear, r0, r1, delta if self.new_linear else None)
             if self.new:
-                before = self._before(out, self.new, self.new_linear, r0, r1, delta if self.new_linear else None)
                 self._record(self.new_journal, before, base_stored, r0, "base")
             if self.old:
-                before = self._before(out, self.new, self.new_linear, r0, r1, delta if self.new_linear else None)
-                old_delta = self._delta(self.old, r0, r1, before)
-                self._record(self.undo_journal, before + old_delta, current_stored, r0, "current")
+                undone = before + self._delta(self.old, r0, r1, before)
+                self._record(self.undo_journal, undone, current_stored, r0, "current")
         self.matrix[r0:r1].copy_(out_stored)
         self.written.append((r0, r1))
         self.base_print += base_print  # only for rows written: a rollback checks exactly those
         self.before_print += before_print
 
     def _record(self, journal: Journal, estimate: torch.Tensor, truth: torch.Tensor, r0: int, role: str) -> None:
-        recovered = self.codec.encode(estimate, self.key, r0, role)
+        recovered = self._encode(estimate, r0, role, slot="recovered")
         journal.add(r0 * self.matrix.shape[1], differing_bits(recovered, truth), truth.reshape(-1))
 
     def undo_tile(self, r0: int, r1: int) -> None:
@@ -388,14 +373,6 @@ def _first_device(target) -> torch.device:
     return torch.device("cpu")
 
 
-def is_out_of_memory(error: BaseException) -> bool:
-    """CUDA raises torch.OutOfMemoryError, Python MemoryError; torch's CPU allocator a plain RuntimeError."""
-    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    text = str(error)
-    return isinstance(error, RuntimeError) and ("can't allocate memory" in text or "DefaultCPUAllocator" in text)
-
-
 def restore(target, state: MergeState, **kw) -> MergeState:
     """Take every merged LoRA out again, exactly; returns an empty state."""
     return merge_loras(target, [], state=state, **kw)
@@ -482,6 +459,7 @@ def _merge_once(
     new_state = MergeState(list(loras), dict(state.journals), dict(state.dora_norms), dict(state.codec_state),
                            dict(state.fingerprints), dict(state.arithmetic))
     jobs: list[_KeyJob] = []
+    workspace = rows.Workspace()  # one set of tile buffers for every weight of this call
     done = 0
     try:
         for key in keys:
@@ -491,7 +469,7 @@ def _merge_once(
             codec = options.codec_for(key, weight) if options.codec_for else Codec(weight.dtype)
             with threads_of(arithmetic):
                 jobs.append(_KeyJob(key, weight, old, new, state.journals.get(key), codec, arithmetic, new_state,
-                                    options.exact_undo))
+                                    options.exact_undo, workspace))
                 _run_job(jobs[-1], budget, options, report, state.fingerprints.get(key))
             done += weight.numel()
             if options.progress is not None:

@@ -28,6 +28,40 @@ MAX_TILE_BYTES = GIB
 Term = tuple[Adapter, float]
 
 
+class Codec:
+    """How a weight is stored: decode rows to fp32, encode fp32 rows back (round once).
+
+    The default stores in the tensor's own float dtype with round-to-nearest. fp8 codecs with
+    scales plug in here (see lora_ops.fp8).
+
+    `role` names the encoding meant, for codecs whose encoding changes during a merge (an fp8 weight
+    that gets a fresh scale): "current" = the bits stored before this call writes them, "new" = what
+    this call writes, "base" = the original, LoRA-free weight (the journal's truth). Hooks, once per
+    weight: `begin` after DoRA norms and before the first tile is written, `commit` after its last tile,
+    `rollback` after its tiles were undone.
+    """
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+    def decode(self, stored: torch.Tensor, role: str = "current") -> torch.Tensor:
+        return stored.float()
+
+    def encode(self, values: torch.Tensor, key: str, row0: int, role: str = "new") -> torch.Tensor:
+        return values.to(self.dtype)
+
+    def begin(self, merged: Callable[[], Iterator[tuple[int, torch.Tensor]]] | None, had_terms: bool,
+              kept: dict[str, object]) -> None:
+        """`merged()` yields (first row, fp32 rows as this call will write them) per tile (None: the weight is
+        being restored); `had_terms`: the weight holds LoRA terms now; `kept`: what codecs keep between calls."""
+
+    def commit(self) -> None:
+        pass
+
+    def rollback(self) -> None:
+        pass
+
+
 def tiles(rows: int, tile_rows: int) -> Iterator[tuple[int, int]]:
     """[r0, r1) row ranges of at most `tile_rows` rows covering `rows`."""
     for r0 in range(0, rows, tile_rows):
@@ -61,6 +95,22 @@ def tile_budget(device: torch.device, requested: int | None) -> int:
     free, _ = torch.cuda.mem_get_info(device)
     share = min(MAX_TILE_BYTES, free // FREE_MEMORY_SHARE)
     return share if share >= DEFAULT_TILE_BYTES else min(DEFAULT_TILE_BYTES, max(free // 2, MIB))
+
+
+class Workspace:
+    """Tile buffers reused by every tile of a call: no fresh pages per tile (costly on the CPU), no allocator
+    round trip, and the memory of one tile of each kind rather than one per operation."""
+
+    def __init__(self) -> None:
+        self._flat: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+
+    def take(self, slot: str, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """An uninitialised (rows, cols) view of the buffer named `slot`; valid until the next take of it."""
+        numel = shape[0] * shape[1]
+        flat = self._flat.get((slot, dtype, device))
+        if flat is None or flat.numel() < numel:
+            flat = self._flat[(slot, dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
+        return flat[:numel].view(shape)
 
 
 def add_terms(out: torch.Tensor, terms: Sequence[Term], r0: int, r1: int, base: torch.Tensor | None) -> None:

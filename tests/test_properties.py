@@ -7,12 +7,15 @@
 * merge then restore gives back the original bits;
 * a run of 2-5 strength changes (each call passing the previous state) ends bit-exact equal to a fresh merge at
   the final strengths, and restore after it gives the original bits;
+  (these two in bf16, fp16 and fp32, each call with 1 or 2 CPU threads drawn independently: undo reuses the
+  merge's thread count, so it stays exact);
 * one LoRA written in kohya, bfl and diffusers_alpha form (the factory shares the factors) merges to the same
   weights (kohya and bfl: bit-exact; diffusers_alpha: <= 1 ulp).
 
 Models: FluxShape with hidden in {16, 32, 48}, 2 heads, 1-2 double and 1-2 single blocks, small embedder dims,
-bf16. LoRAs: 1-3 from lora_factory's MERGE_FORMATS, ranks 1-8, strengths in [-2, 2]. Tiles: 1 KiB .. 1 MiB
-(log-uniform). Files and parsed LoRAs are cached per (shape, format, rank, seed), so examples are cheap.
+bf16 (fp16 and fp32 where stated). LoRAs: 1-3 from lora_factory's MERGE_FORMATS, ranks 1-8, strengths in [-2, 2].
+Tiles: 1 KiB .. 1 MiB (log-uniform). Files and parsed LoRAs are cached per (shape, format, rank, seed), so
+examples are cheap.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from hypothesis import strategies as st
 from lora_factory import MERGE_FORMATS, base_state_dict, write_lora
 from tensor_checks import differing, snapshot
 
-from lora_ops import MergeOptions, load_lora, merge_loras, restore
+from lora_ops import MergeOptions, load_lora, merge_loras
 from lora_ops.errors import LoRAFormatWarning
 from lora_ops.flux import FluxShape
 
@@ -59,10 +62,10 @@ class _Cache:
         self.loras: dict[tuple, object] = {}
         self.cases: dict[tuple, object] = {}
 
-    def base(self, shape: FluxShape) -> dict[str, torch.Tensor]:
-        if shape not in self.bases:
-            self.bases[shape] = base_state_dict(shape, seed=hash(shape) & 0xFFFF)
-        return self.bases[shape]
+    def base(self, shape: FluxShape, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+        if (shape, dtype) not in self.bases:
+            self.bases[(shape, dtype)] = base_state_dict(shape, seed=hash(shape) & 0xFFFF, dtype=dtype)
+        return self.bases[(shape, dtype)]
 
     def lora(self, shape: FluxShape, fmt: str, rank: int, seed: int):
         key = (shape, fmt, rank, seed)
@@ -95,6 +98,8 @@ lora_specs = st.tuples(st.sampled_from(MERGE_FORMATS), st.integers(1, 8), st.int
 strengths = st.floats(-2.0, 2.0, allow_nan=False, allow_infinity=False)
 #: 1 KiB .. 1 MiB, log-uniform (small tiles are the interesting ones, and the slow ones).
 tiles = st.builds(lambda e, f: int(2.0 ** (e + f)), st.integers(10, 19), st.floats(0.0, 1.0))
+dtypes = st.sampled_from([torch.bfloat16, torch.float16, torch.float32])
+thread_counts = st.integers(1, 2)
 
 
 def ulps(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -159,9 +164,14 @@ def _ulp(t: torch.Tensor) -> torch.Tensor:
     return (magnitude.view(ints) + 1).view(t.dtype).double() - magnitude.double()
 
 
-def merged(cache, shape, stack, tile: int, state=None, sd=None):
-    sd = snapshot(cache.base(shape)) if sd is None else sd
-    new_state = merge_loras(sd, stack, state=state, options=MergeOptions(tile_bytes=tile, min_tile_bytes=1024))
+def merged(cache, shape, stack, tile: int, state=None, sd=None, dtype=torch.bfloat16, threads: int = 1):
+    sd = snapshot(cache.base(shape, dtype)) if sd is None else sd
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        new_state = merge_loras(sd, stack, state=state, options=MergeOptions(tile_bytes=tile, min_tile_bytes=1024))
+    finally:
+        torch.set_num_threads(previous)
     return sd, new_state
 
 
@@ -194,32 +204,36 @@ def test_result_does_not_depend_on_lora_order(cache, shape, specs, data, tile):
 
 
 @settings(max_examples=25, **SETTINGS)
-@given(shape=shapes, specs=st.lists(lora_specs, min_size=1, max_size=3), data=st.data(), tile_a=tiles, tile_b=tiles)
-def test_merge_then_restore_gives_the_original_bits(cache, shape, specs, data, tile_a, tile_b):
+@given(shape=shapes, specs=st.lists(lora_specs, min_size=1, max_size=3), data=st.data(), tile_a=tiles, tile_b=tiles,
+       dtype=dtypes, threads=st.tuples(thread_counts, thread_counts))
+def test_merge_then_restore_gives_the_original_bits(cache, shape, specs, data, tile_a, tile_b, dtype, threads):
     COUNTS["restore"] += 1
     stack = cache.stack(shape, specs, data.draw(st.lists(strengths, min_size=len(specs), max_size=len(specs))))
-    sd, state = merged(cache, shape, stack, tile_a)
-    restore(sd, state, options=MergeOptions(tile_bytes=tile_b, min_tile_bytes=1024))
-    bad = differing(sd, cache.base(shape))
-    assert not bad, f"restore left {len(bad)} weights changed, e.g. {bad[:3]}"
+    sd, state = merged(cache, shape, stack, tile_a, dtype=dtype, threads=threads[0])
+    merged(cache, shape, [], tile_b, state=state, sd=sd, threads=threads[1])
+    bad = differing(sd, cache.base(shape, dtype))
+    assert not bad, f"{dtype}, threads {threads}: restore left {len(bad)} weights changed, e.g. {bad[:3]}"
 
 
 @settings(max_examples=20, **SETTINGS)
-@given(shape=shapes, specs=st.lists(lora_specs, min_size=1, max_size=3), data=st.data())
-def test_strength_changes_end_where_a_fresh_merge_does(cache, shape, specs, data):
+@given(shape=shapes, specs=st.lists(lora_specs, min_size=1, max_size=3), data=st.data(), dtype=dtypes)
+def test_strength_changes_end_where_a_fresh_merge_does(cache, shape, specs, data, dtype):
+    """Each call (the merges, the fresh merge, the restore) draws 1 or 2 CPU threads on its own."""
     COUNTS["strength changes"] += 1
     n = len(specs)
     runs = data.draw(st.lists(st.lists(strengths, min_size=n, max_size=n), min_size=2, max_size=5), label="runs")
-    sd, state = snapshot(cache.base(shape)), None
+    sd, state = snapshot(cache.base(shape, dtype)), None
     for values in runs:
-        tile = data.draw(tiles, label="tile")
-        sd, state = merged(cache, shape, cache.stack(shape, specs, values), tile, state=state, sd=sd)
-    fresh, _ = merged(cache, shape, cache.stack(shape, specs, runs[-1]), data.draw(tiles, label="fresh tile"))
+        tile, threads = data.draw(tiles, label="tile"), data.draw(thread_counts, label="threads")
+        sd, state = merged(cache, shape, cache.stack(shape, specs, values), tile, state=state, sd=sd, threads=threads)
+    fresh, _ = merged(cache, shape, cache.stack(shape, specs, runs[-1]), data.draw(tiles, label="fresh tile"),
+                      dtype=dtype, threads=data.draw(thread_counts, label="fresh threads"))
     bad = differing(sd, fresh)
-    assert not bad, f"after {len(runs)} calls: {len(bad)} weights differ from a fresh merge, e.g. {bad[:3]}"
-    restore(sd, state, options=MergeOptions(tile_bytes=data.draw(tiles, label="restore tile"), min_tile_bytes=1024))
-    bad = differing(sd, cache.base(shape))
-    assert not bad, f"restore after {len(runs)} calls left {len(bad)} weights changed, e.g. {bad[:3]}"
+    assert not bad, f"{dtype}, after {len(runs)} calls: {len(bad)} weights differ from a fresh merge, e.g. {bad[:3]}"
+    merged(cache, shape, [], data.draw(tiles, label="restore tile"), state=state, sd=sd,
+           threads=data.draw(thread_counts, label="restore threads"))
+    bad = differing(sd, cache.base(shape, dtype))
+    assert not bad, f"{dtype}: restore after {len(runs)} calls left {len(bad)} weights changed, e.g. {bad[:3]}"
 
 
 @settings(max_examples=25, **SETTINGS)
