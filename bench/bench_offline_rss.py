@@ -9,9 +9,10 @@ Run by hand (never a unit test), under the machine's heavy-job lock:
 **Against ComfyUI** (when COMFYUI_ROOT is set): on the 2-block checkpoint (1 double + 1 single block at width
 3072, 1.02 GiB bf16), ours and a child in ComfyUI's own venv that does what a user's load → LoraLoaderModelOnly →
 ModelSave does (`comfy.sd.load_diffusion_model`, `comfy.sd.load_lora_for_models`, `comfy.sd.save_checkpoint`
-with `--cpu`) run alternately, `--rounds` times each, every one a fresh process timed from start to exit.
-Prints the medians, the ratio ours / ComfyUI (target <= 0.6) and ours' peak RSS (target <= 1 GiB), and checks
-that both files hold the same bits for every merged weight.
+with `--cpu --bf16-unet`, the model kept in bf16 as stored) and the I/O floor (copy the file, fsync) run
+alternately, `--rounds` times each, every one a fresh process timed from start to exit. Prints the medians,
+the ratio ours / ComfyUI (target <= 0.6) and ours' peak RSS (target <= 1 GiB), and checks that both files hold
+the same bits for every merged weight.
 
 Checkpoints of 2, 4 and 8 blocks (FluxShape(depth=n/2, depth_single=n/2) at the real width 3072: about
 1, 2 and 4 GB in bf16) are written with lora_ops.synthetic.write_flux_checkpoint. The same rank-32 kohya
@@ -60,14 +61,24 @@ _COMFY_CHILD = r"""
 import logging, os, sys
 ckpt, lora, out = sys.argv[1:4]
 sys.path.insert(0, os.environ["COMFYUI_ROOT"])
-sys.argv = [sys.argv[0], "--cpu"]
+sys.argv = [sys.argv[0], "--cpu", "--bf16-unet"]
 import comfy.options
 comfy.options.enable_args_parsing()
 import comfy.cli_args, comfy.model_management, comfy.sd, comfy.utils
 logging.disable(logging.WARNING)
-model = comfy.sd.load_diffusion_model(ckpt)
+import torch
+model = comfy.sd.load_diffusion_model(ckpt, model_options={"dtype": torch.bfloat16})
 patched, _ = comfy.sd.load_lora_for_models(model, None, comfy.utils.load_torch_file(lora, safe_load=True), 1.0, 0)
 comfy.sd.save_checkpoint(out, patched)
+"""
+
+
+#: The I/O floor: copy the checkpoint to a new file and fsync it, as both merges must read and write it.
+_COPY_CHILD = r"""
+import os, shutil, sys
+shutil.copyfile(sys.argv[1], sys.argv[2])
+with open(sys.argv[2], "rb+") as f:
+    os.fsync(f.fileno())
 """
 
 
@@ -109,14 +120,15 @@ def against_comfyui(ckpt: Path, lora: Path, tmp: Path, env: dict[str, str], roun
         return None
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
     ours_out, comfy_out = tmp / "ours.safetensors", tmp / "comfy.safetensors"
-    runs: dict[str, list[dict]] = {"ours": [], "comfyui": []}
+    runs: dict[str, list[dict]] = {"ours": [], "comfyui": [], "copy": []}
+    argvs = {
+        "ours": ours_argv(ckpt, lora, ours_out),
+        "comfyui": [python, "-c", _COMFY_CHILD, str(ckpt), str(lora), str(comfy_out)],
+        "copy": [sys.executable, "-c", _COPY_CHILD, str(ckpt), str(tmp / "copy.safetensors")],
+    }
     for i in range(rounds):
-        for name in ("comfyui", "ours") if i % 2 else ("ours", "comfyui"):
-            argv = (
-                [python, "-c", _COMFY_CHILD, str(ckpt), str(lora), str(comfy_out)]
-                if name == "comfyui"
-                else ours_argv(ckpt, lora, ours_out)
-            )
+        for name in ("comfyui", "copy", "ours") if i % 2 else ("ours", "copy", "comfyui"):
+            argv = argvs[name]
             result = measure(argv, dict(env, COMFYUI_ROOT=root))
             result["load1"] = os.getloadavg()[0]
             runs[name].append(result)
@@ -140,7 +152,13 @@ def against_comfyui(ckpt: Path, lora: Path, tmp: Path, env: dict[str, str], roun
         f"peak RSS: ours {ours_rss / MIB:.0f} MiB (target <= 1024: {'met' if ours_rss <= GIB else 'MISSED'}), "
         f"ComfyUI {comfy_rss / MIB:.0f} MiB"
     )
+    copy_s = statistics.median(r["seconds"] for r in runs["copy"])
+    print(
+        f"I/O floor (copy the checkpoint + fsync): {copy_s:.2f} s; ours = {ours_s / copy_s:.2f} x, "
+        f"ComfyUI = {comfy_s / copy_s:.2f} x of it"
+    )
     print(f"bits: {compared - differ} of {compared} merged weights identical to ComfyUI's file")
+    (tmp / "copy.safetensors").unlink(missing_ok=True)
     ours_out.unlink(missing_ok=True)
     comfy_out.unlink(missing_ok=True)
     return {
@@ -148,6 +166,7 @@ def against_comfyui(ckpt: Path, lora: Path, tmp: Path, env: dict[str, str], roun
         "ours_seconds": ours_s,
         "comfyui_seconds": comfy_s,
         "ratio": ours_s / comfy_s,
+        "copy_seconds": copy_s,
         "ours_maxrss": ours_rss,
         "comfyui_maxrss": comfy_rss,
         "merged_compared": compared,
