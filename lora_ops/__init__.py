@@ -14,7 +14,16 @@ from .blocks import (
     with_block_weights,
 )
 from .errors import LoRAFormatError, LoRAFormatWarning, LoRAOpsError, ModelMismatchError, UndoError, UnsafeFileError
-from .flux import FLUX_DEV, FLUX_SCHNELL, FluxShape, flux_weight_shapes
+from .flux import (
+    FLUX_DEV,
+    FLUX_SCHNELL,
+    VARIANTS,
+    FluxShape,
+    detect_family,
+    flux_weight_shapes,
+    parameter_count,
+    shape_from_state_dict,
+)
 from .formats import Coverage, LoRAFile, check_fits, load_lora
 from .merge import MergeOptions, MergeReport, MergeState, merge_loras, restore, terms_by_target
 from .resize import LayerResize, ResizeReport, resize_lora, unmerged_saving
@@ -46,6 +55,10 @@ __all__ = [
     "ResizeReport",
     "UndoError",
     "UnsafeFileError",
+    "VARIANTS",
+    "detect_family",
+    "parameter_count",
+    "shape_from_state_dict",
     "block_counts",
     "blocks_touched",
     "describe_blocks",

@@ -1,21 +1,48 @@
-"""Flux-dev architecture facts: weight names, shapes, and recognising a Flux state dict.
+"""The Flux family's architecture: weight names, shapes and parameter counts, recognised from a model.
 
-Everything here is derived from a `FluxShape` (or read from a checkpoint's header), so that the
-same code serves the real 3072-wide model, tiny test models and the memory planner.
+Flux.1 (dev, schnell, and Kontext / Krea, which share dev's weights), Chroma (Flux.1-schnell without
+per-block modulation; a `distilled_guidance_layer` computes every block's modulation) and Flux.2
+(dev, klein 4B / 9B: one modulation shared by all double blocks and one by all single blocks, a gated
+SiLU MLP, no biases, 128 latent channels at patch size 1). Every consumer (LoRA formats, merge, fp8
+policies, planner, nodes) takes its facts from a `FluxShape` built here or read from a checkpoint, so
+the real models, tiny test models and the memory planner share one description.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 #: Prefixes under which Flux weights appear in checkpoints and in ComfyUI's model state dict.
 MODEL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
+FLUX1, CHROMA, FLUX2 = "flux1", "chroma", "flux2"
+FAMILY_NAMES = {FLUX1: "Flux.1", CHROMA: "Chroma", FLUX2: "Flux.2"}
+
+#: Flux.2's shared modulation Linears (outside the blocks), by BFL module name.
+FLUX2_SHARED_MODULATIONS = ("double_stream_modulation_img", "double_stream_modulation_txt", "single_stream_modulation")
+#: First name components of every family's weights (a checkpoint's other tensors are not the model's).
+TOP_LEVEL_MODULES = (
+    "img_in",
+    "time_in",
+    "vector_in",
+    "guidance_in",
+    "txt_in",
+    "distilled_guidance_layer",
+    *FLUX2_SHARED_MODULATIONS,
+    "double_blocks",
+    "single_blocks",
+    "final_layer",
+)
+
 
 @dataclass(frozen=True)
 class FluxShape:
-    """Sizes that determine every Flux weight shape (Flux-dev: the defaults, with 19 + 38 blocks)."""
+    """Sizes that determine every weight of a Flux-family model (defaults: Flux.1 dev, 19 + 38 blocks).
+
+    `vec_dim` 0 means no `vector_in` (Chroma, Flux.2). The `approx_*` sizes are Chroma's
+    `distilled_guidance_layer` and unused by the other families.
+    """
 
     hidden: int = 3072
     depth: int = 19
@@ -28,6 +55,14 @@ class FluxShape:
     vec_dim: int = 768
     time_dim: int = 256
     guidance: bool = True
+    family: str = FLUX1
+    approx_in: int = 64
+    approx_hidden: int = 5120
+    approx_layers: int = 5
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILY_NAMES:
+            raise ValueError(f"unknown Flux family {self.family!r}; known: {', '.join(FAMILY_NAMES)}")
 
     @property
     def head_dim(self) -> int:
@@ -37,59 +72,178 @@ class FluxShape:
     def mlp_hidden(self) -> int:
         return self.hidden * self.mlp_ratio
 
+    @property
+    def gated_mlp(self) -> bool:
+        """Flux.2's MLP input Linear produces gate and value halves (SiLU(gate) * value)."""
+        return self.family == FLUX2
+
+    @property
+    def mlp_in(self) -> int:
+        """Output rows of the MLP input Linear (img_mlp.0, and the MLP part of linear1)."""
+        return 2 * self.mlp_hidden if self.gated_mlp else self.mlp_hidden
+
+    @property
+    def biases(self) -> bool:
+        return self.family != FLUX2
+
+    @property
+    def block_modulation(self) -> bool:
+        """Each block has its own modulation Linear (Flux.1 only)."""
+        return self.family == FLUX1
+
+    @property
+    def family_name(self) -> str:
+        return FAMILY_NAMES[self.family]
+
 
 FLUX_DEV = FluxShape()
 FLUX_SCHNELL = FluxShape(guidance=False)
+CHROMA_HD = FluxShape(family=CHROMA, vec_dim=0, guidance=False)
+FLUX2_DEV = FluxShape(
+    family=FLUX2,
+    hidden=6144,
+    depth=8,
+    depth_single=48,
+    heads=48,
+    mlp_ratio=3,
+    in_channels=128,
+    out_channels=128,
+    context_dim=15360,
+    vec_dim=0,
+)
+FLUX2_KLEIN_4B = FluxShape(
+    family=FLUX2,
+    hidden=3072,
+    depth=5,
+    depth_single=20,
+    heads=24,
+    mlp_ratio=3,
+    in_channels=128,
+    out_channels=128,
+    context_dim=7680,
+    vec_dim=0,
+    guidance=False,
+)
+FLUX2_KLEIN_9B = FluxShape(
+    family=FLUX2,
+    hidden=4096,
+    depth=8,
+    depth_single=24,
+    heads=32,
+    mlp_ratio=3,
+    in_channels=128,
+    out_channels=128,
+    context_dim=12288,
+    vec_dim=0,
+    guidance=False,
+)
+
+#: Named models. Kontext and Krea [dev] have Flux.1 dev's weights (a checkpoint cannot tell them apart).
+VARIANTS: dict[str, FluxShape] = {
+    "flux1-dev": FLUX_DEV,
+    "flux1-schnell": FLUX_SCHNELL,
+    "flux1-kontext": FLUX_DEV,
+    "flux1-krea": FLUX_DEV,
+    "chroma": CHROMA_HD,
+    "flux2-dev": FLUX2_DEV,
+    "flux2-klein-4b": FLUX2_KLEIN_4B,
+    "flux2-klein-9b": FLUX2_KLEIN_9B,
+}
 
 
-def _linear(name: str, out_features: int, in_features: int) -> dict[str, tuple[int, ...]]:
-    return {f"{name}.weight": (out_features, in_features), f"{name}.bias": (out_features,)}
+def variant_names(shape: FluxShape) -> list[str]:
+    """The named models with exactly this architecture (empty for custom sizes)."""
+    return [name for name, known in VARIANTS.items() if known == shape]
 
 
-def _embedder(name: str, in_features: int, hidden: int) -> dict[str, tuple[int, ...]]:
-    return {**_linear(f"{name}.in_layer", hidden, in_features), **_linear(f"{name}.out_layer", hidden, hidden)}
+def describe(shape: FluxShape) -> str:
+    """One line a user recognises: family, named variants, blocks and width."""
+    names = variant_names(shape)
+    label = f"{shape.family_name} ({' / '.join(names)})" if names else shape.family_name
+    return f"{label}: {shape.depth} double + {shape.depth_single} single blocks, width {shape.hidden}"
 
 
-def flux_weight_shapes(shape: FluxShape) -> dict[str, tuple[int, ...]]:
-    """Every tensor of a BFL-named Flux checkpoint (no prefix) with its shape, in file order."""
-    h, m, hd = shape.hidden, shape.mlp_hidden, shape.head_dim
-    out: dict[str, tuple[int, ...]] = {}
-    out.update(_linear("img_in", h, shape.in_channels))
-    out.update(_embedder("time_in", shape.time_dim, h))
-    out.update(_embedder("vector_in", shape.vec_dim, h))
-    if shape.guidance:
-        out.update(_embedder("guidance_in", shape.time_dim, h))
-    out.update(_linear("txt_in", h, shape.context_dim))
-    for i in range(shape.depth):
-        for stream in ("img", "txt"):
-            p = f"double_blocks.{i}.{stream}"
-            out.update(_linear(f"{p}_mod.lin", 6 * h, h))
-            out.update(_linear(f"{p}_attn.qkv", 3 * h, h))
-            out[f"{p}_attn.norm.query_norm.scale"] = (hd,)
-            out[f"{p}_attn.norm.key_norm.scale"] = (hd,)
-            out.update(_linear(f"{p}_attn.proj", h, h))
-            out.update(_linear(f"{p}_mlp.0", m, h))
-            out.update(_linear(f"{p}_mlp.2", h, m))
-    for i in range(shape.depth_single):
-        p = f"single_blocks.{i}"
-        out.update(_linear(f"{p}.linear1", 3 * h + m, h))
-        out.update(_linear(f"{p}.linear2", h, h + m))
-        out[f"{p}.norm.query_norm.scale"] = (hd,)
-        out[f"{p}.norm.key_norm.scale"] = (hd,)
-        out.update(_linear(f"{p}.modulation.lin", 3 * h, h))
-    out.update(_linear("final_layer.linear", shape.out_channels, h))
-    out.update(_linear("final_layer.adaLN_modulation.1", 2 * h, h))
+def _linear(name: str, out_features: int, in_features: int, bias: bool) -> dict[str, tuple[int, ...]]:
+    weight = {f"{name}.weight": (out_features, in_features)}
+    return {**weight, f"{name}.bias": (out_features,)} if bias else weight
+
+
+def _embedder(name: str, in_features: int, hidden: int, bias: bool) -> dict[str, tuple[int, ...]]:
+    return {
+        **_linear(f"{name}.in_layer", hidden, in_features, bias),
+        **_linear(f"{name}.out_layer", hidden, hidden, bias),
+    }
+
+
+def _input_weights(s: FluxShape) -> dict[str, tuple[int, ...]]:
+    h, b = s.hidden, s.biases
+    out = _linear("img_in", h, s.in_channels, b)
+    if s.family == CHROMA:
+        a = s.approx_hidden
+        out.update(_linear("distilled_guidance_layer.in_proj", a, s.approx_in, True))
+        for i in range(s.approx_layers):
+            out.update(_embedder(f"distilled_guidance_layer.layers.{i}", a, a, True))
+        for i in range(s.approx_layers):
+            out[f"distilled_guidance_layer.norms.{i}.scale"] = (a,)
+        out.update(_linear("distilled_guidance_layer.out_proj", h, a, True))
+    else:
+        out.update(_embedder("time_in", s.time_dim, h, b))
+    if s.vec_dim:
+        out.update(_embedder("vector_in", s.vec_dim, h, b))
+    if s.guidance:
+        out.update(_embedder("guidance_in", s.time_dim, h, b))
+    out.update(_linear("txt_in", h, s.context_dim, b))
+    if s.family == FLUX2:
+        img, txt, single = FLUX2_SHARED_MODULATIONS
+        out.update(_linear(f"{img}.lin", 6 * h, h, False))
+        out.update(_linear(f"{txt}.lin", 6 * h, h, False))
+        out.update(_linear(f"{single}.lin", 3 * h, h, False))
     return out
 
 
+def _block_weights(s: FluxShape) -> dict[str, tuple[int, ...]]:
+    h, m, hd, b = s.hidden, s.mlp_hidden, s.head_dim, s.biases
+    out: dict[str, tuple[int, ...]] = {}
+    for i in range(s.depth):
+        for stream in ("img", "txt"):
+            p = f"double_blocks.{i}.{stream}"
+            if s.block_modulation:
+                out.update(_linear(f"{p}_mod.lin", 6 * h, h, b))
+            out.update(_linear(f"{p}_attn.qkv", 3 * h, h, b))
+            out[f"{p}_attn.norm.query_norm.scale"] = (hd,)
+            out[f"{p}_attn.norm.key_norm.scale"] = (hd,)
+            out.update(_linear(f"{p}_attn.proj", h, h, b))
+            out.update(_linear(f"{p}_mlp.0", s.mlp_in, h, b))
+            out.update(_linear(f"{p}_mlp.2", h, m, b))
+    for i in range(s.depth_single):
+        p = f"single_blocks.{i}"
+        out.update(_linear(f"{p}.linear1", 3 * h + s.mlp_in, h, b))
+        out.update(_linear(f"{p}.linear2", h, h + m, b))
+        out[f"{p}.norm.query_norm.scale"] = (hd,)
+        out[f"{p}.norm.key_norm.scale"] = (hd,)
+        if s.block_modulation:
+            out.update(_linear(f"{p}.modulation.lin", 3 * h, h, b))
+    return out
+
+
+def flux_weight_shapes(shape: FluxShape) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a BFL-named checkpoint of this architecture (no prefix) with its shape."""
+    out = {**_input_weights(shape), **_block_weights(shape)}
+    out.update(_linear("final_layer.linear", shape.out_channels, shape.hidden, shape.biases))
+    if shape.family != CHROMA:
+        out.update(_linear("final_layer.adaLN_modulation.1", 2 * shape.hidden, shape.hidden, shape.biases))
+    return out
+
+
+def _numel(dims: Sequence[int]) -> int:
+    n = 1
+    for d in dims:
+        n *= d
+    return n
+
+
 def parameter_count(shape: FluxShape) -> int:
-    total = 0
-    for dims in flux_weight_shapes(shape).values():
-        n = 1
-        for d in dims:
-            n *= d
-        total += n
-    return total
+    return sum(_numel(dims) for dims in flux_weight_shapes(shape).values())
 
 
 def strip_model_prefix(key: str) -> tuple[str, str]:
@@ -100,10 +254,37 @@ def strip_model_prefix(key: str) -> tuple[str, str]:
     return "", key
 
 
+def _norm_key(names: Iterable[str] | Mapping[str, object], base: str) -> str | None:
+    """`base`.scale as in BFL files, or `base`.weight as in ComfyUI's loaded model (it renames them)."""
+    for suffix in ("scale", "weight"):
+        if f"{base}.{suffix}" in names:
+            return f"{base}.{suffix}"
+    return None
+
+
 def is_flux_state_dict(keys: Iterable[str]) -> bool:
-    """The test ComfyUI uses (model_detection.py): a qk-norm scale in double block 0 plus img_in."""
+    """ComfyUI's test (model_detection.py): double block 0's qk-norm, plus img_in or Chroma's approximator."""
     names = {strip_model_prefix(k)[1] for k in keys}
-    return "double_blocks.0.img_attn.norm.key_norm.scale" in names and "img_in.weight" in names
+    has_norm = _norm_key(names, "double_blocks.0.img_attn.norm.key_norm") is not None
+    chroma = _norm_key(names, "distilled_guidance_layer.norms.0") is not None
+    return has_norm and ("img_in.weight" in names or chroma)
+
+
+def detect_family(keys: Iterable[str]) -> str:
+    """FLUX1, CHROMA or FLUX2 from a checkpoint's (or a loaded model's) key names."""
+    names = {strip_model_prefix(k)[1] for k in keys}
+    if not is_flux_state_dict(names):
+        raise ValueError(
+            "not a Flux checkpoint (Flux.1, Chroma or Flux.2): no double_blocks.0.img_attn.norm.key_norm.scale "
+            "with img_in.weight or distilled_guidance_layer"
+        )
+    if "nerf_blocks.0.norm.scale" in names or "nerf_blocks.0.norm.weight" in names:
+        raise ValueError("Chroma Radiance (pixel-space Chroma) is not supported; give a Chroma, Flux.1 or Flux.2 model")
+    if f"{FLUX2_SHARED_MODULATIONS[0]}.lin.weight" in names:
+        return FLUX2
+    if _norm_key(names, "distilled_guidance_layer.norms.0") is not None:
+        return CHROMA
+    return FLUX1
 
 
 def _count_blocks(names: Iterable[str], prefix: str) -> int:
@@ -111,45 +292,47 @@ def _count_blocks(names: Iterable[str], prefix: str) -> int:
     return max(indices) + 1 if indices else 0
 
 
-def shape_from_state_dict(shapes: Mapping[str, tuple[int, ...]]) -> FluxShape:
-    """Recover the FluxShape of a checkpoint from its tensor shapes (keys with or without prefix)."""
-    named = {strip_model_prefix(k)[1]: tuple(v) for k, v in shapes.items()}
-    if not is_flux_state_dict(named):
-        raise ValueError(
-            "not a Flux checkpoint: it has no double_blocks.0.img_attn.norm.key_norm.scale / img_in.weight"
-        )
-    hidden, in_channels = named["img_in.weight"]
-    head_dim = named["double_blocks.0.img_attn.norm.key_norm.scale"][0]
-    depth = _count_blocks(named, "double_blocks.")
-    depth_single = _count_blocks(named, "single_blocks.")
-    if depth:
-        mlp_hidden = named["double_blocks.0.img_mlp.0.weight"][0]
+def _mlp_hidden(named: Mapping[str, tuple[int, ...]], hidden: int, gated: bool) -> int:
+    if "double_blocks.0.img_mlp.0.weight" in named:
+        rows = named["double_blocks.0.img_mlp.0.weight"][0]
     else:
-        mlp_hidden = named["single_blocks.0.linear1.weight"][0] - 3 * hidden
-    final = named.get("final_layer.linear.weight", (64, hidden))
+        rows = named["single_blocks.0.linear1.weight"][0] - 3 * hidden
+    return rows // 2 if gated else rows
+
+
+def shape_from_state_dict(shapes: Mapping[str, Sequence[int]]) -> FluxShape:
+    """The architecture of a checkpoint or loaded model from its tensor shapes (keys with or without prefix)."""
+    named = {strip_model_prefix(k)[1]: tuple(v) for k, v in shapes.items()}
+    family = detect_family(named)
+    head_dim = named[_norm_key(named, "double_blocks.0.img_attn.norm.key_norm")][0]
+    hidden = named["txt_in.weight"][0] if "txt_in.weight" in named else named["img_in.weight"][0]
+    approx = {}
+    if family == CHROMA:
+        a_hidden, a_in = named["distilled_guidance_layer.in_proj.weight"]
+        layers = _count_blocks(named, "distilled_guidance_layer.layers.")
+        approx = {"approx_in": a_in, "approx_hidden": a_hidden, "approx_layers": layers}
     return FluxShape(
+        family=family,
         hidden=hidden,
-        depth=depth,
-        depth_single=depth_single,
+        depth=_count_blocks(named, "double_blocks."),
+        depth_single=_count_blocks(named, "single_blocks."),
         heads=hidden // head_dim,
-        mlp_ratio=mlp_hidden // hidden,
-        in_channels=in_channels,
-        out_channels=final[0],
+        mlp_ratio=_mlp_hidden(named, hidden, family == FLUX2) // hidden,
+        in_channels=named.get("img_in.weight", (hidden, 64))[1],
+        out_channels=named.get("final_layer.linear.weight", (64, hidden))[0],
         context_dim=named.get("txt_in.weight", (hidden, 4096))[1],
-        vec_dim=named.get("vector_in.in_layer.weight", (hidden, 768))[1],
+        vec_dim=named.get("vector_in.in_layer.weight", (hidden, 0))[1],
         time_dim=named.get("time_in.in_layer.weight", (hidden, 256))[1],
         guidance="guidance_in.in_layer.weight" in named,
+        **approx,
     )
 
 
 def is_block_linear(name: str) -> bool:
     """True for the large Linear weights inside double and single blocks."""
-    return (
-        name.endswith(".weight")
-        and (name.startswith("double_blocks.") or name.startswith("single_blocks."))
-        and (not name.endswith("_norm.scale"))
-    )
+    return name.endswith(".weight") and name.startswith(("double_blocks.", "single_blocks.")) and "_norm." not in name
 
 
 def is_modulation(name: str) -> bool:
-    return "_mod.lin." in name or ".modulation.lin." in name
+    """Per-block modulation Linears (Flux.1) and Flux.2's shared ones."""
+    return "_mod.lin." in name or ".modulation.lin." in name or name.startswith(FLUX2_SHARED_MODULATIONS)

@@ -14,6 +14,7 @@ from ..errors import LoRAOpsError, ModelMismatchError
 from ..flux import (
     FLUX_DEV,
     FLUX_SCHNELL,
+    TOP_LEVEL_MODULES,
     FluxShape,
     flux_weight_shapes,
     is_block_linear,
@@ -32,16 +33,7 @@ TEXT_ENCODER_CHOICES = ("bf16", "fp8", "offload")
 RESIDENT_CHOICES = ("bf16", "offload")
 MODES = ("unmerged", "merged")
 
-_TOP_LEVEL = (
-    "img_in.",
-    "time_in.",
-    "vector_in.",
-    "guidance_in.",
-    "txt_in.",
-    "double_blocks.",
-    "single_blocks.",
-    "final_layer.",
-)
+_TOP_LEVEL = tuple(f"{m}." for m in TOP_LEVEL_MODULES)
 
 
 def kohya_lora_params(shape: FluxShape, rank: int) -> int:
