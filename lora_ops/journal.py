@@ -43,11 +43,13 @@ class Journal:
 
     Per tile, the journal stores whichever is smaller: the elements that differ (int32 index +
     value) or the whole tile's values. So it never exceeds the weight's own size plus nothing,
-    and for realistic LoRAs (ΔW of a few % of W) it is a few % of it.
+    and for realistic LoRAs (ΔW of a few % of W) it is a few % of it. Tiles are recorded where they
+    were computed; `settle` moves them to the CPU together, once per weight (no transfer per tile).
     """
 
     def __init__(self) -> None:
         self.segments: list[_Segment] = []
+        self._settled = 0  # segments before this index are on the CPU
 
     @property
     def nbytes(self) -> int:
@@ -66,11 +68,26 @@ class Journal:
         if not count:
             return
         item = truth.element_size()
-        if count * (4 + item) >= truth.numel() * item:
-            self.segments.append(_Segment(start, start + truth.numel(), None, truth.to("cpu", copy=True)))
+        if count * (4 + item) >= truth.numel() * item:  # `truth` may be a view of the weight: copy it
+            self.segments.append(_Segment(start, start + truth.numel(), None, truth.reshape(-1).clone()))
         else:
-            index = (flat + start).to("cpu", torch.int32)
-            self.segments.append(_Segment(start, start + truth.numel(), index, truth[flat].cpu()))
+            index = (flat.to(truth.device) + start).to(torch.int32)
+            self.segments.append(_Segment(start, start + truth.numel(), index, truth[flat]))
+
+    def settle(self) -> None:
+        """Move the segments recorded since the last call to the CPU: one transfer of indices, one of values."""
+        fresh = self.segments[self._settled :]
+        self._settled = len(self.segments)
+        if not fresh:
+            return
+        values = torch.cat([s.values for s in fresh]).cpu().split([s.values.numel() for s in fresh])
+        indexed = [s for s in fresh if s.index is not None]
+        if indexed:
+            indices = torch.cat([s.index for s in indexed]).cpu().split([s.index.numel() for s in indexed])
+            for seg, index in zip(indexed, indices):
+                seg.index = index
+        for seg, value in zip(fresh, values):
+            seg.values = value
 
     def lookup(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(local int64 indices, values) of the recorded elements in flat range [lo, hi)."""
@@ -80,7 +97,7 @@ class Journal:
                 continue
             a, b = max(lo, seg.start), min(hi, seg.stop)
             if seg.index is None:
-                indices.append(torch.arange(a - lo, b - lo))
+                indices.append(torch.arange(a - lo, b - lo, device=seg.values.device))
                 values.append(seg.values[a - seg.start : b - seg.start])
             else:
                 i0 = int(torch.searchsorted(seg.index, a))
@@ -90,7 +107,8 @@ class Journal:
                     values.append(seg.values[i0:i1])
         if not indices:
             return None
-        return torch.cat(indices), torch.cat(values)
+        device = indices[0].device
+        return torch.cat([i.to(device) for i in indices]), torch.cat([v.to(device) for v in values])
 
 
 @dataclass(frozen=True)

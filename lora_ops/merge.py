@@ -424,6 +424,8 @@ def _run_job(job: _KeyJob, budget: int, options: MergeOptions, report: MergeRepo
         report.tile_rows_max = max(report.tile_rows_max, r1 - r0)
         report.peak_tile_bytes = max(report.peak_tile_bytes, working_bytes(r1 - r0, cols, blocks))
     job.check_base(expected)
+    for journal in (job.new_journal, job.undo_journal):
+        journal.settle()  # one transfer per weight (a GPU tile loop never waits for the host)
     job.codec.commit()
     job.release_terms()
 
