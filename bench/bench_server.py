@@ -119,6 +119,10 @@ def one_server(method: str, root: Path, base: Path, ckpt: Path, lora_file: Path,
             floor_s.append(timed(server, sample_prompt(method, lora, strength, seed=2 + i)))
     finally:
         server.stop()
+        if os.environ.get("BENCH_SERVER_LOGS"):  # keep the server's log for a look afterwards
+            keep = Path(os.environ["BENCH_SERVER_LOGS"])
+            keep.mkdir(parents=True, exist_ok=True)
+            (keep / f"{base.name}.log").write_bytes((base / "server.log").read_bytes())
     return {
         "method": method,
         "idle_rss": idle_kib * 1024,
@@ -136,6 +140,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="fresh servers per method")
     parser.add_argument("--changes", type=int, default=3, help="strength changes timed per server")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--methods", nargs="+", default=["ours", "comfyui"], choices=["ours", "comfyui"])
     args = parser.parse_args()
     root = Path(os.environ["COMFYUI_ROOT"])
     from lora_ops.flux import FluxShape
@@ -151,9 +156,9 @@ def main() -> int:
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
             flush=True,
         )
-        runs: dict[str, list[dict]] = {"ours": [], "comfyui": []}
+        runs: dict[str, list[dict]] = {m: [] for m in args.methods}
         for r in range(args.rounds):
-            for method in ("comfyui", "ours") if r % 2 else ("ours", "comfyui"):
+            for method in args.methods[::-1] if r % 2 else args.methods:
                 res = one_server(method, root, tmp / f"base_{method}_{r}", ckpt, lora, args.changes)
                 runs[method].append(res)
                 print(
@@ -164,7 +169,7 @@ def main() -> int:
                     f"{', '.join(f'{s:.2f}' for s in res['sampling_floor_s'])} s (load {res['load1']:.1f})",
                     flush=True,
                 )
-        summary = summarize(runs, model_bytes)
+        summary = summarize(runs, model_bytes) if len(runs) == 2 else None
         if args.json:
             Path(args.json).write_text(json.dumps({"runs": runs, "summary": summary}, indent=2))
     return 0
