@@ -135,12 +135,12 @@ class _CopyMerge:
 
     def __init__(self, options: MergeOptions) -> None:
         self.options = options
-        self.buffers: dict[str, torch.Tensor] = {}
+        self.buffers: dict[tuple[str, torch.device], torch.Tensor] = {}
 
     def _buffer(self, name: str, rows: int, cols: int, device: torch.device) -> torch.Tensor:
-        buf = self.buffers.get(name)
-        if buf is None or buf.numel() < rows * cols or buf.device != device:
-            self.buffers[name] = buf = torch.empty(rows * cols, dtype=torch.float32, device=device)
+        buf = self.buffers.get((name, device))
+        if buf is None or buf.numel() < rows * cols:
+            self.buffers[(name, device)] = buf = torch.empty(rows * cols, dtype=torch.float32, device=device)
         return buf[: rows * cols].view(rows, cols)
 
     def merged(
