@@ -10,7 +10,7 @@ the real models, tiny test models and the memory planner share one description.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 #: Prefixes under which Flux weights appear in checkpoints and in ComfyUI's model state dict.
@@ -336,3 +336,49 @@ def is_block_linear(name: str) -> bool:
 def is_modulation(name: str) -> bool:
     """Per-block modulation Linears (Flux.1) and Flux.2's shared ones."""
     return "_mod.lin." in name or ".modulation.lin." in name or name.startswith(FLUX2_SHARED_MODULATIONS)
+
+
+#: Rows / columns of a whole-weight LoRA change that only one family's MLP gives: (suffix, ratio) -> family.
+_MLP_RATIOS = {
+    ("_mlp.0", "rows"): {4: FLUX1, 6: FLUX2},
+    ("_mlp.2", "cols"): {4: FLUX1, 3: FLUX2},
+    (".linear1", "rows"): {7: FLUX1, 9: FLUX2},
+    (".linear2", "cols"): {5: FLUX1, 4: FLUX2},
+}
+
+
+def lora_module_family(module: str, rows: int, cols: int, whole: bool) -> str | None:
+    """The family (FLUX1 or FLUX2) a LoRA change to one BFL module was made for, when name or shape tells.
+
+    Names: per-block modulation and vector_in exist only in Flux.1 (and Chroma keeps Flux.1's LoRA
+    names), the shared modulation only in Flux.2. Shapes: Flux.1's MLP is 4x wide, Flux.2's 3x with a
+    doubled (gated) input, so a whole-weight change to an MLP Linear or linear1/linear2 says which.
+    """
+    if module.startswith(FLUX2_SHARED_MODULATIONS):
+        return FLUX2
+    if module.endswith(("_mod.lin", ".modulation.lin")) or module.startswith("vector_in."):
+        return FLUX1
+    if not whole:
+        return None
+    for (suffix, long_side), families in _MLP_RATIOS.items():
+        if module.endswith(suffix):
+            big, small = (rows, cols) if long_side == "rows" else (cols, rows)
+            return families.get(big // small) if small and big % small == 0 else None
+    return None
+
+
+def family_of_lookup(shape_of: Callable[[str], object]) -> str | None:
+    """The family of a model known only through a weight-shape lookup (None = not recognisable)."""
+    if shape_of(f"{FLUX2_SHARED_MODULATIONS[0]}.lin.weight") is not None:
+        return FLUX2
+    if shape_of("distilled_guidance_layer.in_proj.weight") is not None:
+        return CHROMA
+    per_block = ("double_blocks.0.img_mod.lin.weight", "single_blocks.0.modulation.lin.weight")
+    if any(shape_of(name) is not None for name in per_block):
+        return FLUX1
+    return None
+
+
+def lora_fits_family(lora_family: str, model_family: str) -> bool:
+    """Flux.1 LoRAs apply to Flux.1 and Chroma (same block weights); Flux.2 LoRAs only to Flux.2."""
+    return model_family == lora_family or (lora_family == FLUX1 and model_family == CHROMA)

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from flux2_oracle import flux2_default_targets, flux2_diffusers_modules
 from safetensors.torch import save_file
 
 try:
@@ -58,7 +59,7 @@ TINY = FluxShape(hidden=32, depth=2, depth_single=2, heads=2, context_dim=48, ve
 MERGE_FORMATS = (
     "kohya", "kohya_noalpha", "kohya_split_qkv", "bfl", "bfl_bare", "bfl_ab", "diffusers", "diffusers_alpha",
     "diffusers_bare", "onetrainer", "xlabs", "fal_kontext", "bfl_control", "lokr", "lokr_lowrank", "lokr_t2",
-    "loha", "full_diff", "dora", "dora_out",
+    "loha", "full_diff", "dora", "dora_out", "aitoolkit",
 )
 #: Formats that must be refused (at load for sdxl, at merge for the wide img_in).
 REFUSED_FORMATS = ("sdxl", "bfl_control_wide_img_in")
@@ -116,6 +117,8 @@ def module_shapes(shape: FluxShape) -> dict[str, tuple[int, int]]:
 
 def default_targets(shape: FluxShape) -> list[str]:
     """Block 0 of each kind fully, the last block partly (so some block weights stay untouched), all globals."""
+    if shape.family == "flux2":
+        return flux2_default_targets(shape.depth, shape.depth_single, shape.guidance)
     mods: list[str] = []
     double_all = ("img_attn.qkv", "txt_attn.qkv", "img_attn.proj", "txt_attn.proj", "img_mlp.0", "img_mlp.2",
                   "txt_mlp.0", "txt_mlp.2", "img_mod.lin", "txt_mod.lin")
@@ -150,6 +153,8 @@ def kohya_name(module: str) -> str:
 def diffusers_modules(module: str, shape: FluxShape) -> list[tuple[str, torch.Tensor]]:
     """Diffusers module(s) of a BFL module, each with the BFL rows its output rows land in (in order)."""
     h, m = shape.hidden, shape.mlp_hidden
+    if shape.family == "flux2":
+        return flux2_diffusers_modules(module, h, m, shape.out_channels)
 
     def rows(a: int, b: int) -> torch.Tensor:
         return torch.arange(a, b)
@@ -312,8 +317,9 @@ def _write_plain(fmt: str, w: _Writer, modules: list[str], rank: int, seed: int,
             if fmt != "kohya_noalpha":
                 w.put(f"{key}.alpha", torch.tensor(alpha, dtype=DTYPE))
             w.add(f"{mod}.weight", _mm(up, down) * (1.0 if fmt == "kohya_noalpha" else scale))
-        elif fmt in ("bfl_ab", "fal_kontext"):
-            key = {"bfl_ab": f"diffusion_model.{mod}", "fal_kontext": f"base_model.model.{mod}"}[fmt]
+        elif fmt in ("bfl_ab", "fal_kontext", "aitoolkit"):
+            prefix = {"bfl_ab": "diffusion_model.", "fal_kontext": "base_model.model.", "aitoolkit": "transformer."}
+            key = prefix[fmt] + mod
             w.put(f"{key}.lora_A.weight", down)
             w.put(f"{key}.lora_B.weight", folded)
             w.add(f"{mod}.weight", _mm(folded, down))
@@ -470,9 +476,10 @@ def _write_full_diff(w: _Writer, modules: list[str], seed: int) -> None:
         diff, diff_b = _randn(gen, out_f, in_f, std=0.01), _randn(gen, out_f, std=0.01)
         key = kohya_name(mod)
         w.put(f"{key}.diff", diff)
-        w.put(f"{key}.diff_b", diff_b)
         w.add(f"{mod}.weight", diff.double())
-        w.add(f"{mod}.bias", diff_b.double())
+        if f"{mod}.bias" in flux_weight_shapes(w.shape):  # Flux.2 has no biases
+            w.put(f"{key}.diff_b", diff_b)
+            w.add(f"{mod}.bias", diff_b.double())
         w.note(mod)
 
 
@@ -532,20 +539,24 @@ def write_lora(fmt: str, path: str | Path, shape: FluxShape, rank: int, seed: in
     if unknown:
         raise ValueError(f"not Flux Linear modules: {unknown}")
 
+    te = shape.vec_dim > 0  # Flux.1's CLIP-L / T5 text-encoder keys (Flux.2 LoRAs have none)
     if fmt in ("kohya", "kohya_noalpha"):
         _write_plain(fmt, w, modules, rank, seed, alpha)
-        _te_kohya(w, rank, seed, alpha if fmt == "kohya" else None,
-                  ["lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
-                   "lora_te1_text_model_encoder_layers_0_mlp_fc1"])
+        if te:
+            _te_kohya(w, rank, seed, alpha if fmt == "kohya" else None,
+                      ["lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+                       "lora_te1_text_model_encoder_layers_0_mlp_fc1"])
         if fmt == "kohya":
             w.metadata.update({"ss_network_module": "networks.lora_flux", "ss_network_dim": str(rank),
                                "ss_network_alpha": str(alpha)})
-    elif fmt in ("bfl", "bfl_bare", "bfl_ab", "fal_kontext", "diffusers", "diffusers_alpha", "diffusers_bare"):
+    elif fmt in ("bfl", "bfl_bare", "bfl_ab", "fal_kontext", "diffusers", "diffusers_alpha", "diffusers_bare",
+                 "aitoolkit"):
         _write_plain(fmt, w, modules, rank, seed, alpha)
     elif fmt == "onetrainer":
         _write_plain(fmt, w, modules, rank, seed, alpha)
-        _te_kohya(w, rank, seed, alpha, ["lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
-                                         "lora_te2_encoder_block_0_layer_0_SelfAttention_q"])
+        if te:
+            _te_kohya(w, rank, seed, alpha, ["lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+                                             "lora_te2_encoder_block_0_layer_0_SelfAttention_q"])
     elif fmt == "kohya_split_qkv":
         _write_split_qkv(w, modules, rank, seed, alpha)
     elif fmt == "xlabs":
@@ -579,7 +590,7 @@ def write_lora(fmt: str, path: str | Path, shape: FluxShape, rank: int, seed: in
     return LoraCase(
         path=path, fmt=fmt, expected={k: v.float() for k, v in exact.items()}, replaced=w.replaced,
         te_keys=w.te_keys, legacy_expected=None if legacy is None else {k: v.float() for k, v in legacy.items()},
-        rank=rank, alpha=None if fmt in ("bfl_ab", "diffusers", "diffusers_bare", "xlabs", "fal_kontext",
+        rank=rank, alpha=None if fmt in ("bfl_ab", "aitoolkit", "diffusers", "diffusers_bare", "xlabs", "fal_kontext",
                                          "bfl_control", "full_diff", "kohya_noalpha") else alpha,
         seed=seed, shape=shape, modules=w.modules, exact=exact, legacy_exact=legacy,
     )

@@ -14,12 +14,14 @@ from pathlib import Path
 
 import torch
 
+from .. import flux as architecture
 from ..adapters import Adapter, Diff, DoRA, LoRA, SetWeight, check_factor
 from ..errors import FIX_BROKEN, LoRAFormatError, LoRAFormatWarning
-from ..flux import is_flux_state_dict
+from ..flux import is_flux_state_dict, lora_module_family
 from ..safetensors_io import SafetensorsFile
 from .factor_keys import SUFFIXES, UNSUPPORTED_SUFFIXES, peft_alphas, read_alpha, split_key
 from .flux1 import FLUX1
+from .flux2 import FLUX2
 from .lora_file import Coverage, LoRAFile
 from .schemes import TEXT_ENCODER_PREFIXES, Resolved, Schemes
 from .split_qkv import fix_split_qkv, uses_split_qkv
@@ -42,6 +44,8 @@ class _Reading:
     targets: dict[str, list[Adapter]] = field(default_factory=dict)
     formats: set[str] = field(default_factory=set)
     no_alpha: list[str] = field(default_factory=list)
+    #: family -> the first key whose name or shape says the LoRA was made for that family, and why
+    family_evidence: dict[str, str] = field(default_factory=dict)
 
 
 def load_lora(
@@ -66,7 +70,16 @@ def load_lora(
         _read_module(reading, module, parts)
     _check_targets(reading, tensors)
     _warn_unmapped(reading, max_unmapped_fraction)
-    return LoRAFile(path, "+".join(sorted(reading.formats)), reading.targets, coverage, dict(st.metadata))
+    family, evidence = _family(reading)
+    return LoRAFile(
+        path,
+        "+".join(sorted(reading.formats)),
+        reading.targets,
+        coverage,
+        dict(st.metadata),
+        family=family,
+        family_evidence=evidence,
+    )
 
 
 def _open_lora(path: Path) -> SafetensorsFile:
@@ -111,7 +124,7 @@ def _read_module(reading: _Reading, module: str, parts: _Parts) -> None:
         reading.coverage.mapped[key] = module
         reading.formats.add("bfl-control")
         return
-    resolved = reading.schemes.resolve(module)
+    resolved = _resolve(reading, module, parts)
     keys = [k for k, _ in parts.values()]
     if resolved is None:
         for k in keys:
@@ -130,6 +143,29 @@ def _read_module(reading: _Reading, module: str, parts: _Parts) -> None:
                 _check_dora(reading.path, dora[0], dora[1], *adapter.shape)
     for adapter in built:
         _add(reading, module, resolved, adapter, alpha, dora, keys)
+
+
+def _resolve(reading: _Reading, module: str, parts: _Parts) -> Resolved | None:
+    """The module under Flux.1's names, else Flux.2's; a name only one family has is evidence for it."""
+    flux1, flux2 = reading.schemes.resolve(module), FLUX2.resolve(module)
+    if (flux1 is None) != (flux2 is None):
+        family = architecture.FLUX1 if flux1 is not None else architecture.FLUX2
+        key = next(iter(parts.values()))[0]
+        reading.family_evidence.setdefault(family, f"{key!r} names a {architecture.FAMILY_NAMES[family]}-only layer")
+    return flux1 or flux2
+
+
+def _family(reading: _Reading) -> tuple[str | None, str]:
+    """The family the LoRA was made for (None when its names and shapes fit both), refusing a mix."""
+    evidence = reading.family_evidence
+    if len(evidence) > 1:
+        raise LoRAFormatError(
+            f"{reading.path}: the file mixes Flux.1 and Flux.2 layers ({evidence[architecture.FLUX1]}; "
+            f"{evidence[architecture.FLUX2]}); a LoRA is made for one model. Use the file made for your model."
+        )
+    for family, why in evidence.items():
+        return family, why
+    return None, ""
 
 
 def _factors_by_kind(
@@ -202,6 +238,11 @@ def _add(
     ):
         adapters = fix_split_qkv(placed, module, resolved, alpha, reading.split_flag, reading.path, reading.coverage)
     target = f"{resolved.module}.{placed.target}"
+    rows, cols = placed.shape
+    whole = resolved.slot is None and placed.row_offset == 0
+    family = lora_module_family(resolved.module, rows, cols, whole)
+    if family is not None:
+        reading.family_evidence.setdefault(family, f"{keys[0]!r} makes a {rows}x{cols} change to {resolved.module}")
     reading.targets.setdefault(target, []).extend(adapters)
     for k in keys:
         reading.coverage.mapped[k] = target

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..adapters import Adapter
 from ..errors import ModelMismatchError
+from ..flux import FAMILY_NAMES, family_of_lookup, lora_fits_family
 from ..units import MIB
 
 
@@ -56,6 +57,9 @@ class LoRAFile:
     #: strength multiplier per target weight (per-block strengths, see lora_ops.blocks); absent = 1
     target_scales: dict[str, float] = field(default_factory=dict)
     block_spec: str = ""
+    #: the family the LoRA was made for (lora_ops.flux.FLUX1 / FLUX2) when its names or shapes tell, and why
+    family: str | None = None
+    family_evidence: str = ""
 
     @property
     def nbytes(self) -> int:
@@ -116,8 +120,22 @@ def describe(lora: LoRAFile) -> dict[str, object]:
 ShapeLookup = Callable[[str], "tuple[int, ...] | None"]
 
 
+def check_family(lora: LoRAFile, shape_of: ShapeLookup, model_name: str = "the model") -> None:
+    """Refuse a LoRA made for another member of the Flux family (a Flux.1 LoRA on Flux.2 and vice versa)."""
+    model_family = family_of_lookup(shape_of)
+    if lora.family is None or model_family is None or lora_fits_family(lora.family, model_family):
+        return
+    width = (shape_of("img_in.weight") or (0,))[0]
+    raise ModelMismatchError(
+        f"{lora.path}: this LoRA was made for {FAMILY_NAMES[lora.family]} ({lora.family_evidence}), but "
+        f"{model_name} is {FAMILY_NAMES[model_family]} (width {width}). Use a LoRA trained for "
+        f"{FAMILY_NAMES[model_family]}; nothing was changed."
+    )
+
+
 def check_fits(lora: LoRAFile, shape_of: ShapeLookup, model_name: str = "the model") -> None:
-    """Raise ModelMismatchError unless every adapter fits a weight of the model."""
+    """Raise ModelMismatchError unless the LoRA is for the model's family and every adapter fits a weight."""
+    check_family(lora, shape_of, model_name)
     for target, adapters in lora.targets.items():
         shape = shape_of(target)
         if shape is None:

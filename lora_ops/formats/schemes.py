@@ -79,7 +79,7 @@ class Schemes:
             ("lycoris", ("lycoris_",), diffusers_underscore),
             ("lycoris", ("lycoris_",), bfl_underscore),
             ("fal-kontext", ("base_model.model.",), bfl_dotted),
-            ("bfl", ("model.diffusion_model.", "diffusion_model.", ""), bfl_dotted),
+            ("bfl", ("model.diffusion_model.", "diffusion_model.", "transformer.", ""), bfl_dotted),  # ai-toolkit
             ("diffusers", ("transformer.", ""), diffusers_dotted),
             ("xlabs", ("diffusion_model.", ""), _template_regex(names.xlabs, underscore=False)),
         ]
