@@ -24,8 +24,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "comfyui"))
-sys.path.insert(0, str(REPO / "tests"))
+sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "tests" / "comfyui")]
 
 
 def _comfy(root: str):
@@ -69,6 +68,31 @@ def _core_clone(comfy, patcher, lora_sd: dict, strength: float):
     clone = patcher.clone()
     clone.add_patches(comfy.lora.load_lora(lora_sd, key_map, log_missing=False), strength)
     return clone
+
+
+def _measure(comfy, pack, rt, dyn, base: dict, lora, lora_sd: dict, s: float) -> dict:
+    """One strength: load and first-cast seconds for ours and for core, our bit-exactness and host copies."""
+    ours = rt.attach_plan(dyn, [rt.StackEntry("lora", s, lora)])
+    t_load = _timed_load(comfy, ours)
+    touched = {"diffusion_model." + k for k in lora.targets}
+    copies = sum(e.weight.numel() * e.weight.element_size() for k, e in dyn.backup.items() if k in touched)
+    got, t_cast = _effective(ours)
+    fresh = {k: v.clone() for k, v in base.items()}
+    with torch.inference_mode():
+        pack.lora_ops.merge_loras(fresh, [(lora, s)])
+    exact = all(torch.equal(got[k], fresh[k]) for k in fresh)
+    core = _core_clone(comfy, dyn, lora_sd, s)
+    c_load = _timed_load(comfy, core)
+    _, c_cast = _effective(core)
+    return {
+        "strength": s,
+        "ours_load_s": t_load,
+        "ours_first_cast_s": t_cast,
+        "core_load_s": c_load,
+        "core_first_cast_s": c_cast,
+        "ours_bit_exact": exact,
+        "ours_host_copies_bytes": copies,
+    }
 
 
 def main() -> int:
@@ -115,31 +139,7 @@ def main() -> int:
     model_bytes = sum(t.numel() * t.element_size() for t in base.values())
     # What a private merged host copy of every weight the LoRA changes would hold (the rejected alternative).
     touched_bytes = sum(base[k].numel() * base[k].element_size() for k in lora.targets)
-    rows = []
-    for s in (float(x) for x in args.strengths.split(",")):
-        ours = rt.attach_plan(dyn, [rt.StackEntry("lora", s, lora)])
-        t_load = _timed_load(comfy, ours)
-        touched = {"diffusion_model." + k for k in lora.targets}
-        copies = sum(e.weight.numel() * e.weight.element_size() for k, e in dyn.backup.items() if k in touched)
-        got, t_cast = _effective(ours)
-        fresh = {k: v.clone() for k, v in base.items()}
-        with torch.inference_mode():
-            pack.lora_ops.merge_loras(fresh, [(lora, s)])
-        exact = all(torch.equal(got[k], fresh[k]) for k in fresh)
-        core = _core_clone(comfy, dyn, lora_sd, s)
-        c_load = _timed_load(comfy, core)
-        _, c_cast = _effective(core)
-        rows.append(
-            {
-                "strength": s,
-                "ours_load_s": t_load,
-                "ours_first_cast_s": t_cast,
-                "core_load_s": c_load,
-                "core_first_cast_s": c_cast,
-                "ours_bit_exact": exact,
-                "ours_host_copies_bytes": copies,
-            }
-        )
+    rows = [_measure(comfy, pack, rt, dyn, base, lora, lora_sd, float(x)) for x in args.strengths.split(",")]
     result = {
         "shape": shape.__dict__,
         "rank": args.rank,

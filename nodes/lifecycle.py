@@ -237,24 +237,37 @@ def _merge_at_load(patcher, plan: MergePlan, original_load, load_args: tuple, lo
             options=_options(device, tile_bytes, True, progress.part()),
         )
     except BaseException as exc:
-        if pre_state is not None:
-            # The same Parameter objects (in the module or in ComfyUI's backup), wherever their data is now.
-            _restore(
-                {k: p.data for k, p in pre_targets.items()},
-                pre_state,
-                options=_options(device, tile_bytes, interruptible=False),
-            )
-        if plan.fp8 is not None:
-            release_slots(plan.fp8)
-        if not isinstance(exc, Exception):
-            # ComfyUI's partially_load puts its own patches back (detach) only for an Exception; since 0.33 an
-            # interrupt is a BaseException, which would leave the model marked loaded with this clone's uuid.
-            patcher.detach()
+        _roll_back(patcher, plan, pre_targets, pre_state, _options(device, tile_bytes, interruptible=False), exc)
         raise
     # The state names only what was merged in place (the fp8 step's layers come from untouched originals).
     merged_pairs = pairs if plan.fp8 is None else [(lora.only(touched), s) for lora, s in pairs]
     state = MergeState.combine(merged_pairs, (pre_state, post_state))
-    model.__dict__[RECORD_ATTR] = Record(
+    _record(patcher, plan, state, device, tile_bytes)
+    log.info(
+        "Flux LoRA Ops: applied %s (%d weights merged in place, undo journal %.1f MiB)",
+        plan.describe(),
+        len(touched),
+        state.journal_bytes / MIB,
+    )
+    return out
+
+
+def _roll_back(patcher, plan: MergePlan, pre_targets: dict, pre_state: MergeState | None, options, exc) -> None:
+    """A failed or interrupted load: take our pre-merge out, free the fp8 slots, leave ComfyUI as it was."""
+    if pre_state is not None:
+        # The same Parameter objects (in the module or in ComfyUI's backup), wherever their data is now.
+        _restore({k: p.data for k, p in pre_targets.items()}, pre_state, options=options)
+    if plan.fp8 is not None:
+        release_slots(plan.fp8)
+    if not isinstance(exc, Exception):
+        # ComfyUI's partially_load puts its own patches back (detach) only for an Exception; since 0.33 an
+        # interrupt is a BaseException, which would leave the model marked loaded with this clone's uuid.
+        patcher.detach()
+
+
+def _record(patcher, plan: MergePlan, state: MergeState, device, tile_bytes: int) -> None:
+    """Note on the shared module what is merged now, and make ComfyUI's unpatch call our undo."""
+    patcher.model.__dict__[RECORD_ATTR] = Record(
         state=state,
         token=plan.token,
         owner=patcher.patches_uuid,
@@ -265,13 +278,6 @@ def _merge_at_load(patcher, plan: MergePlan, original_load, load_args: tuple, lo
         fp8=plan.fp8,
     )
     _register_undo(patcher)
-    log.info(
-        "Flux LoRA Ops: applied %s (%d weights merged in place, undo journal %.1f MiB)",
-        plan.describe(),
-        len(touched),
-        state.journal_bytes / MIB,
-    )
-    return out
 
 
 def _switch_in_place(patcher, plan: MergePlan) -> bool:
