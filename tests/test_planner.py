@@ -262,7 +262,7 @@ def test_unreadable_and_foreign_files(tmp_path):
 
     other = tmp_path / "sdxl.safetensors"
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4)}, str(other))
-    with pytest.raises(ModelMismatchError, match="not a Flux checkpoint"):
+    with pytest.raises(ModelMismatchError, match="not a Flux"):
         plan(model=str(other))
     with pytest.raises(LoRAOpsError):
         plan(model="flux-dev", loras=[str(junk)])

@@ -16,8 +16,8 @@ workspaces). When it does not fit it tries, in this order, the cheap changes: me
 weights, offload the text encoder, fp8 text encoder, no CFG / smaller batch.
 
 By job: `inputs` (the request, model and LoRA headers), `companions` (encoders, VAE), `memory`
-(weights, merge temporaries), `activations` (the activation model), `result` (the Plan), `evaluate`
-(the verdict and the search for the cheapest fix).
+(weights, merge temporaries), `activations` (the activation model), `result` (the Plan), `evaluate` (the
+verdict), `search` (the cheapest fix).
 """
 
 from ..formats import UNMERGED_BYTES_PER_PARAM
@@ -36,18 +36,20 @@ from .companions import (
     text_encoder_for,
     vae_params,
 )
-from .evaluate import plan
 from .inputs import (
     MODES,
     PRESETS,
     RESIDENT_CHOICES,
     TEXT_ENCODER_CHOICES,
     WEIGHT_POLICIES,
+    ModelInfo,
     PlanRequest,
     kohya_lora_params,
+    model_from_tensors,
 )
 from .memory import CUDA_RESERVE_BYTES, fp8_policy_dtype
 from .result import Plan
+from .search import plan, plan_model
 
 __all__ = [
     "ACTIVATION_FORMULA",
@@ -65,6 +67,7 @@ __all__ = [
     "TEXT_ENCODER_CHOICES",
     "UNMERGED_BYTES_PER_PARAM",
     "WEIGHT_POLICIES",
+    "ModelInfo",
     "Plan",
     "PlanRequest",
     "activation_points",
@@ -72,7 +75,9 @@ __all__ = [
     "flux_ae_params",
     "fp8_policy_dtype",
     "kohya_lora_params",
+    "model_from_tensors",
     "plan",
+    "plan_model",
     "t5_xxl_bf16_resident_params",
     "t5_xxl_encoder_params",
     "text_encoder_for",

@@ -3,7 +3,8 @@
 The model (the BFL reference forward, which kohya's flux_models.py copies, in bf16 with a
 fused attention kernel): with B = batch x (2 with CFG), T = (h/16)(w/16) + text tokens, H = hidden,
 M = mlp hidden and U = B*T*H*2 bytes, the largest live set is inside a single block at RoPE:
-the block input x and the modulated x_mod (2U), linear1's output ((3H+M)/H U = 7U), normed q, k
+the block input x and the modulated x_mod (2U), linear1's output ((3H+M_in)/H U: 7U for Flux.1, where
+M_in = M; 9U for Flux.2, whose gated MLP reads M_in = 2M), normed q, k
 (2U) and RoPE's fp32 temporaries (q, k as fp32, the rotated q, and two products + their sum for
 k: 6 x 2U = 12U), plus the text stream the caller holds (512/T U) and the fp32 RoPE table: about
 23.3U = 0.61 GiB at 1024x1024, batch 1. The planner evaluates every such point of both block kinds
@@ -69,17 +70,19 @@ class _Forward:
 
     def double_block_points(self) -> dict[str, int]:
         t, ti, h, m, tok = self.tokens, self.image_tokens, self.shape.hidden, self.shape.mlp_hidden, self.tok
-        depth, pe = self.shape.depth, self.rope_table()
+        depth, pe, m_in = self.shape.depth, self.rope_table(), self.shape.mlp_in
+        # GELU: input + output; gated SiLU (Flux.2): input (gate and value), SiLU(gate), the product
+        activation = tok(ti, m_in) + tok(ti, m) * (2 if self.shape.gated_mlp else 1)
         inputs = tok(t, h)  # img + txt, held by the caller during the call
         attn_state = inputs + tok(t, h) + tok(t, 3 * h) + 2 * tok(t, h) + 3 * tok(t, h)  # mod, qkv, q/k, cat qkv
         qkv_call = self.call_extra("double_blocks.{i}.img_attn.qkv.weight", ti, 3 * h, depth)
         mlp_state = attn_state + tok(t, h) + 2 * tok(ti, h)  # attention out, new img, MLP input
-        mlp0 = self.call_extra("double_blocks.{i}.img_mlp.0.weight", ti, m, depth)
+        mlp0 = self.call_extra("double_blocks.{i}.img_mlp.0.weight", ti, m_in, depth)
         mlp2 = self.call_extra("double_blocks.{i}.img_mlp.2.weight", ti, h, depth)
         return {
             "double block: img qkv Linear": pe + inputs + tok(ti, h) + tok(ti, 3 * h) + qkv_call,
             "double block: RoPE": pe + attn_state + 6 * tok(t, h, FP32),
-            "double block: img MLP": pe + mlp_state + max(tok(ti, m) + mlp0, 2 * tok(ti, m)),
+            "double block: img MLP": pe + mlp_state + max(tok(ti, m_in) + mlp0, activation),
             "double block: img MLP out": pe + mlp_state + tok(ti, m) + tok(ti, h) + mlp2,
         }
 
@@ -87,13 +90,14 @@ class _Forward:
         t, h, m, tok = self.tokens, self.shape.hidden, self.shape.mlp_hidden, self.tok
         depth, pe = self.shape.depth_single, self.rope_table()
         held = tok(t, h) + tok(self.text_tokens, h) + tok(t, h)  # x, caller's txt, x_mod
-        lin1 = tok(t, 3 * h + m)
-        l1 = self.call_extra("single_blocks.{i}.linear1.weight", t, 3 * h + m, depth)
+        lin1 = tok(t, 3 * h + self.shape.mlp_in)
+        l1 = self.call_extra("single_blocks.{i}.linear1.weight", t, 3 * h + self.shape.mlp_in, depth)
         attn_out = held + lin1 + 2 * tok(t, h) + tok(t, h)
         l2 = self.call_extra("single_blocks.{i}.linear2.weight", t, h, depth)
         return {
             "single block: linear1": pe + held + lin1 + l1,
             "single block: RoPE": pe + held + lin1 + 2 * tok(t, h) + 6 * tok(t, h, FP32),
+            # the activation's output (m) and the cat (h + m); a gated MLP's SiLU(gate) (m) is freed before
             "single block: GELU + cat": pe + attn_out + tok(t, m) + tok(t, h + m),
             "single block: linear2": pe + attn_out + tok(t, h + m) + tok(t, h) + l2,
         }
@@ -135,7 +139,7 @@ def flux_weight_shapes_cached(shape: FluxShape) -> dict[str, tuple[int, ...]]:
 
 ACTIVATION_FORMULA = (
     "peak over the forward's live sets (BFL reference forward, bf16, fused attention); the usual maximum is "
-    "single-block RoPE: U*(2 + (3H+M)/H + 2 + 12) + B*txt*H*2 + RoPE table, U = B*T*H*2 bytes, "
-    "B = batch x (2 with CFG), T = (h/16)(w/16) + text tokens; checked against a GPU by bench/gpu_suite.py "
-    "when one is available"
+    "single-block RoPE: U*(2 + (3H+M_in)/H + 2 + 12) + B*txt*H*2 + RoPE table, U = B*T*H*2 bytes, "
+    "B = batch x (2 with CFG), T = (h/16)(w/16) + text tokens, M_in = M (2M for Flux.2's gated MLP); "
+    "checked against a GPU by bench/gpu_suite.py when one is available (Flux.1)"
 )

@@ -14,16 +14,19 @@ from ..errors import LoRAOpsError, ModelMismatchError
 from ..flux import (
     FLUX_DEV,
     FLUX_SCHNELL,
-    TOP_LEVEL_MODULES,
+    VARIANTS,
     FluxShape,
+    describe,
     flux_weight_shapes,
     is_block_linear,
     shape_from_state_dict,
     strip_model_prefix,
 )
+from ..formats import UNMERGED_BYTES_PER_PARAM
 from ..merge import DEFAULT_TILE_BYTES
 
-PRESETS: dict[str, FluxShape] = {"flux-dev": FLUX_DEV, "flux-schnell": FLUX_SCHNELL}
+#: Named models (lora_ops.flux.VARIANTS), and the names this planner used before the Flux.2 family.
+PRESETS: dict[str, FluxShape] = {**VARIANTS, "flux-dev": FLUX_DEV, "flux-schnell": FLUX_SCHNELL}
 
 #: Weight dtype policies. "fp8" is kohya's `model.to(fp8)` (every tensor, no scales); "fp8-<name>" is a
 #: lora_ops.fp8 policy (scaled fp8, one fp32 scale per fp8 weight): fp8-default = the block Linear
@@ -33,8 +36,6 @@ TEXT_ENCODER_CHOICES = ("bf16", "fp8", "offload")
 RESIDENT_CHOICES = ("bf16", "offload")
 MODES = ("unmerged", "merged")
 
-_TOP_LEVEL = tuple(f"{m}." for m in TOP_LEVEL_MODULES)
-
 
 def kohya_lora_params(shape: FluxShape, rank: int) -> int:
     """Parameters of a kohya LoRA of `rank` on every block Linear (the 304 default modules of Flux-dev)."""
@@ -43,7 +44,7 @@ def kohya_lora_params(shape: FluxShape, rank: int) -> int:
 
 @dataclass(frozen=True)
 class PlanRequest:
-    """What to plan. `model` is a preset name (flux-dev, flux-schnell) or a checkpoint path."""
+    """What to plan. `model` is a preset name (PRESETS: flux1-dev, flux2-dev, chroma, ...) or a checkpoint path."""
 
     model: str = "flux-dev"
     dtype: str | None = None  # a WEIGHT_POLICIES entry; None: bf16 for a preset, as stored for a file
@@ -71,6 +72,11 @@ class ModelInfo:
     notes: list[str] = field(default_factory=list)
     is_preset: bool = True
 
+    @property
+    def description(self) -> str:
+        """Family, named variants, blocks and width, in a user's words."""
+        return describe(self.shape)
+
 
 @dataclass
 class LoRAInfo:
@@ -78,6 +84,20 @@ class LoRAInfo:
     params: int
     targets: dict[str, int]  # target weight -> factor elements on it
     notes: list[str] = field(default_factory=list)
+    files: list = field(default_factory=list)  # (path, LoRAFile) as loaded, for the resize arithmetic
+    synthetic_rank: int | None = None  # PlanRequest.lora_rank
+    max_rank: int = 0
+
+    def params_at_rank(self, shape: FluxShape, rank: int) -> int:
+        """Parameters after resizing every layer above `rank` down to it (lora_ops.resize)."""
+        from ..resize import unmerged_saving
+
+        params = self.params
+        if self.synthetic_rank is not None and self.synthetic_rank > rank:
+            params -= kohya_lora_params(shape, self.synthetic_rank) - kohya_lora_params(shape, rank)
+        for _, lora in self.files:
+            params -= unmerged_saving(lora, rank) // UNMERGED_BYTES_PER_PARAM
+        return params
 
 
 def check_request(req: PlanRequest) -> None:
@@ -114,41 +134,68 @@ def read_model(model: str) -> ModelInfo:
     if model in PRESETS:
         shape = PRESETS[model]
         tensors = {n: (d, torch.bfloat16) for n, d in flux_weight_shapes(shape).items()}
-        return ModelInfo(model, shape, tensors)
+        return ModelInfo(model, shape, tensors, notes=_variant_notes(model))
     path = Path(model)
     if not path.exists() and not model.endswith(".safetensors"):
         raise LoRAOpsError(f"unknown model {model!r}: not a preset ({', '.join(PRESETS)}) and no such file")
     from ..safetensors_io import SafetensorsFile
 
     st = SafetensorsFile(path)  # raises UnsafeFileError (a LoRAOpsError) on unreadable/bad files
+    header = {}
+    for key in st.keys():
+        prefix, name = strip_model_prefix(key)
+        header[name] = (prefix, st.shape(key), st.dtype(key))
+    try:
+        shape = shape_from_state_dict({name: dims for name, (_, dims, _) in header.items()})
+    except ValueError as e:
+        raise ModelMismatchError(
+            f"{path}: {e}. Give the diffusion model file (e.g. flux1-dev.safetensors, flux2-dev.safetensors)."
+        ) from None
+    info = model_from_tensors(str(path), shape, header)
+    info.notes.insert(0, info.description)
+    return info
+
+
+def _variant_notes(name: str) -> list[str]:
+    if name in ("flux1-kontext", "flux1-krea"):
+        return [f"{name} has Flux.1 dev's architecture; its figures are flux1-dev's"]
+    return []
+
+
+def model_from_tensors(
+    label: str, shape: FluxShape, header: dict[str, tuple[str, tuple[int, ...], torch.dtype]]
+) -> ModelInfo:
+    """A model's resident tensors from (BFL name -> (prefix, shape, stored dtype)): its weights by name, the
+    tensors that travel with them (fp8 scales, markers), and a note for what is outside the diffusion model."""
+    expected = flux_weight_shapes(shape)
+    roots = {name.split(".", 1)[0] for name in expected} | {"scaled_fp8"}
     tensors: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     extra: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     ignored = 0
-    for key in st.keys():
-        prefix, name = strip_model_prefix(key)
-        dims, dtype = st.shape(key), st.dtype(key)
-        if name.startswith(_TOP_LEVEL):
+    for name, (prefix, dims, dtype) in header.items():
+        name = _bfl_name(name, expected)
+        if name in expected:
             tensors[name] = (dims, dtype)
-        elif prefix or name in ("scaled_fp8",):
-            extra[name] = (dims, dtype)
+        elif prefix or name.split(".", 1)[0] in roots:
+            extra[name] = (dims, dtype)  # scale_weight, weight_scale, comfy_quant, ...
         else:
             ignored += 1
-    try:
-        shape = shape_from_state_dict({k: v[0] for k, v in tensors.items()})
-    except ValueError as e:
-        raise ModelMismatchError(
-            f"{path}: {e}. Give the Flux diffusion model file (e.g. flux1-dev.safetensors)."
-        ) from None
-    expected = flux_weight_shapes(shape)
-    known = {n: v for n, v in tensors.items() if n in expected}
-    extra.update({n: v for n, v in tensors.items() if n not in expected})  # scale_weight, comfy_quant, ...
     notes = []
     if ignored:
         notes.append(f"{ignored} tensors outside the diffusion model (VAE / text encoders) are not counted here")
-    missing = [n for n in expected if n not in known and is_block_linear(n)]
+    missing = [n for n in expected if n not in tensors and is_block_linear(n)]
     if missing:
-        notes.append(f"{len(missing)} block Linear weights of this shape are not in the file")
-    return ModelInfo(str(path), shape, known, extra, notes, is_preset=False)
+        notes.append(f"{len(missing)} block Linear weights of this shape are not in the model")
+    return ModelInfo(label, shape, tensors, extra, notes, is_preset=False)
+
+
+def _bfl_name(name: str, expected: dict[str, tuple[int, ...]]) -> str:
+    """ComfyUI loads (and saves) the RMSNorm scales as `.weight`; BFL files name them `.scale`."""
+    if name not in expected and name.endswith(".weight"):
+        scale = name.removesuffix(".weight") + ".scale"
+        if scale in expected:
+            return scale
+    return name
 
 
 def read_loras(req: PlanRequest, shape: FluxShape) -> LoRAInfo | None:
@@ -158,7 +205,7 @@ def read_loras(req: PlanRequest, shape: FluxShape) -> LoRAInfo | None:
 
     params = 0
     targets: dict[str, int] = {}
-    labels, notes = [], []
+    labels, notes, files = [], [], []
     if req.lora_rank is not None:
         for name, dims in flux_weight_shapes(shape).items():
             if is_block_linear(name):
@@ -172,6 +219,7 @@ def read_loras(req: PlanRequest, shape: FluxShape) -> LoRAInfo | None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             lora = load_lora(path)
+        files.append((path, lora))
         notes.extend(f"{path}: {w.message}" for w in caught)
         info = describe(lora)
         params += int(info["params"])
@@ -181,4 +229,5 @@ def read_loras(req: PlanRequest, shape: FluxShape) -> LoRAInfo | None:
         labels.append(f"{Path(path).name} ({info['format']}, rank {ranks}, {len(lora.targets)} weights)")
         if info["text_encoder_keys"]:
             notes.append(f"{path}: {info['text_encoder_keys']} text-encoder keys are not counted")
-    return LoRAInfo(" + ".join(labels), params, targets, notes)
+    ranks = [r for _, lora in files for r in lora.ranks] + ([req.lora_rank] if req.lora_rank else [])
+    return LoRAInfo(" + ".join(labels), params, targets, notes, files, req.lora_rank, max(ranks, default=0))

@@ -37,6 +37,9 @@ class Plan:
     suggestion_fits: bool | None = None
     merge_shape: tuple[int, ...] = ()
     policy: str = "bf16"
+    offload_bytes: int | None = None  # nothing fits: weights that must stay in system RAM (with the suggestion)
+    resize_rank: int | None = None  # unmerged LoRA: the largest rank that fits as planned
+    resize_peak_bytes: int | None = None
 
     @property
     def weight_bytes(self) -> int:
@@ -115,7 +118,15 @@ class Plan:
             "fits": self.fits,
             "suggestion": None
             if self.suggestion is None
-            else {"changes": self.suggestion, "peak_bytes": self.suggestion_peak_bytes, "fits": self.suggestion_fits},
+            else {
+                "changes": self.suggestion,
+                "peak_bytes": self.suggestion_peak_bytes,
+                "fits": self.suggestion_fits,
+                "weights_offloaded_bytes": self.offload_bytes,
+            },
+            "resize": None
+            if self.resize_rank is None
+            else {"rank": self.resize_rank, "peak_bytes": self.resize_peak_bytes},
             "notes": self.notes,
         }
 
@@ -165,7 +176,23 @@ class Plan:
                 lines.append(f"cheapest change that fits: {changes} -> {peak:.2f} GiB")
             else:
                 lines.append(f"no listed change fits; with all of them ({changes}) the peak is {peak:.2f} GiB")
+                lines.append(self._offload_line())
+        if self.resize_rank is not None:
+            source = self.request.loras[0] if len(self.request.loras) == 1 else "LORA.safetensors"
+            lines.append(
+                f"to keep the LoRA unmerged: resize it to rank {self.resize_rank} -> "
+                f"{self.resize_peak_bytes / GIB:.2f} GiB (python -m lora_ops resize {source} --rank {self.resize_rank} "
+                "--out SMALL.safetensors)"
+            )
         return lines
+
+    def _offload_line(self) -> str:
+        if self.offload_bytes is None:
+            return "it does not fit this card at all: the activations and one block's weights alone are too big"
+        return (
+            f"this card runs it only by offloading: {self.offload_bytes / GIB:.2f} GiB of the weights stay in system "
+            "RAM and stream to the GPU every step (ComfyUI's lowvram / dynamic VRAM loading; slower)"
+        )
 
     def format_table(self) -> str:
         r = self.request
