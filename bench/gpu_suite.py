@@ -170,7 +170,17 @@ class Runtime:
     device_type: str = "cuda"
 
 
+#: Flux.2's shared modulations, by the per-block modulation they replace.
+FLUX2_SHARED = {
+    "img_mod.lin": "double_stream_modulation_img.lin",
+    "txt_mod.lin": "double_stream_modulation_txt.lin",
+    "modulation.lin": "single_stream_modulation.lin",
+}
+
+
 class Flux:
+    """Flux.1 (per-block modulation, GELU MLP) and Flux.2 (shared modulation, gated SiLU MLP, no biases)."""
+
     def __init__(self, weights: dict[str, torch.Tensor], shape, runtime: Runtime | None = None) -> None:
         self.w = weights
         self.shape = shape
@@ -194,7 +204,17 @@ class Flux:
         return self.linear(F.silu(self.linear(x, f"{name}.in_layer")), f"{name}.out_layer")
 
     def modulation(self, vec: torch.Tensor, name: str, n: int) -> list[torch.Tensor]:
+        """A block's modulation; Flux.2 has one shared by all double blocks (img, txt) and one by all single."""
+        if not self.shape.block_modulation:
+            name = FLUX2_SHARED.get(name.split(".", 2)[-1], name)
         return self.linear(F.silu(vec), name)[:, None, :].chunk(n, dim=-1)
+
+    def mlp_act(self, x: torch.Tensor) -> torch.Tensor:
+        """Flux.1: tanh-GELU. Flux.2: gated SiLU over the two halves of the MLP input Linear."""
+        if self.shape.gated_mlp:
+            gate, value = x.chunk(2, dim=-1)
+            return F.silu(gate) * value
+        return F.gelu(x, approximate="tanh")
 
     def rms_norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
         x_dtype = x.dtype
@@ -250,12 +270,12 @@ class Flux:
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
         img = img + img_mod1_gate * self.linear(img_attn, f"{p}.img_attn.proj")
         img = img + img_mod2_gate * self.linear(
-            F.gelu(self.linear((1 + img_mod2_scale) * self.layer_norm(img) + img_mod2_shift, f"{p}.img_mlp.0"),
-                   approximate="tanh"), f"{p}.img_mlp.2")
+            self.mlp_act(self.linear((1 + img_mod2_scale) * self.layer_norm(img) + img_mod2_shift, f"{p}.img_mlp.0")),
+            f"{p}.img_mlp.2")
         txt = txt + txt_mod1_gate * self.linear(txt_attn, f"{p}.txt_attn.proj")
         txt = txt + txt_mod2_gate * self.linear(
-            F.gelu(self.linear((1 + txt_mod2_scale) * self.layer_norm(txt) + txt_mod2_shift, f"{p}.txt_mlp.0"),
-                   approximate="tanh"), f"{p}.txt_mlp.2")
+            self.mlp_act(self.linear((1 + txt_mod2_scale) * self.layer_norm(txt) + txt_mod2_shift, f"{p}.txt_mlp.0")),
+            f"{p}.txt_mlp.2")
         return img, txt
 
     def single_block(self, i: int, x, vec, pe):
@@ -263,11 +283,11 @@ class Flux:
         h = self.shape.hidden
         mod_shift, mod_scale, mod_gate = self.modulation(vec, f"{p}.modulation.lin", 3)
         x_mod = (1 + mod_scale) * self.layer_norm(x) + mod_shift
-        qkv, mlp = torch.split(self.linear(x_mod, f"{p}.linear1"), [3 * h, self.shape.mlp_hidden], dim=-1)
+        qkv, mlp = torch.split(self.linear(x_mod, f"{p}.linear1"), [3 * h, self.shape.mlp_in], dim=-1)
         q, k, v = self.split_heads(qkv)
         q, k = self.rms_norm(q, f"{p}.norm.query_norm"), self.rms_norm(k, f"{p}.norm.key_norm")
         attn = self.attention(q, k, v, pe)
-        output = self.linear(torch.cat((attn, F.gelu(mlp, approximate="tanh")), 2), f"{p}.linear2")
+        output = self.linear(torch.cat((attn, self.mlp_act(mlp)), 2), f"{p}.linear2")
         return x + mod_gate * output
 
     # --- embeddings and the whole model -----------------------------------------------------------
@@ -301,7 +321,8 @@ class Flux:
         vec = self.mlp_embedder(self.timestep_embedding(timesteps, s.time_dim), "time_in")
         if s.guidance:
             vec = vec + self.mlp_embedder(self.timestep_embedding(guidance, s.time_dim), "guidance_in")
-        vec = vec + self.mlp_embedder(y, "vector_in")
+        if s.vec_dim:
+            vec = vec + self.mlp_embedder(y, "vector_in")
         txt = self.linear(txt, "txt_in")
         ids = torch.cat((txt_ids, img_ids), dim=1)
         pe = self.rope(ids)

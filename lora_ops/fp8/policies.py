@@ -1,4 +1,12 @@
-"""Layer policies: which Flux Linear weights are stored in fp8, and what a checkpoint then weighs."""
+"""Layer policies: which Flux Linear weights are stored in fp8, and what a checkpoint then weighs.
+
+What stays bf16 was decided by output error per byte saved (bench/fp8_policy_error.py, BENCHMARKS.md):
+the first and last Linears (img_in, final_layer) and the timestep / guidance embedders put their rounding
+error straight into the output for almost no bytes, and Flux.2's shared modulation (one Linear steering
+every block) costs 15-43 times the error per byte of the block Linears, so every preset but `all`
+keeps them bf16. Flux.1's per-block modulation is 3.2 B parameters: `default` stores it in fp8, `quality`
+keeps it bf16. Flux.2 and Chroma have no per-block modulation, so there `quality` equals `default`.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +15,27 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ..errors import LoRAOpsError
-from ..flux import FluxShape, flux_weight_shapes, is_block_linear, is_modulation, strip_model_prefix
+from ..flux import (
+    FLUX2_SHARED_MODULATIONS,
+    FluxShape,
+    flux_weight_shapes,
+    is_block_linear,
+    is_modulation,
+    strip_model_prefix,
+)
 
-#: Linears outside the blocks (embedders and final layer), by their first name component.
-OUTSIDE_LINEARS = ("img_in", "txt_in", "time_in", "vector_in", "guidance_in", "final_layer")
+#: Linears outside the blocks (embedders, final layer, Flux.2's shared modulation, Chroma's modulation
+#: network), by their first name component.
+OUTSIDE_LINEARS = (
+    "img_in",
+    "txt_in",
+    "time_in",
+    "vector_in",
+    "guidance_in",
+    "final_layer",
+    *FLUX2_SHARED_MODULATIONS,
+    "distilled_guidance_layer",
+)
 
 
 @dataclass(frozen=True)
@@ -34,18 +59,25 @@ class FP8Policy:
 
 PRESETS: dict[str, FP8Policy] = {
     "default": FP8Policy(
-        "default", True, False,
-        "every Linear weight of double and single blocks (attention, MLP, modulation) in fp8; embedders, "
-        "final_layer, norms and biases bf16",
+        "default",
+        True,
+        False,
+        "every Linear weight of double and single blocks (attention, MLP, Flux.1's per-block modulation) in fp8; "
+        "embedders, final_layer, Flux.2's shared modulation, norms and biases bf16",
     ),
     "quality": FP8Policy(
-        "quality", False, False,
-        "like default, but the modulation Linears (_mod.lin, modulation.lin) stay bf16 too",
+        "quality",
+        False,
+        False,
+        "like default, but Flux.1's per-block modulation Linears (_mod.lin, modulation.lin) stay bf16 too (for "
+        "Flux.2 and Chroma, which have none, the same as default)",
     ),
     "all": FP8Policy(
-        "all", True, True,
-        "every Linear weight in fp8 (embedders and final_layer too); norms and biases bf16. Use for ComfyUI "
-        "0.3.x, whose scaled-fp8 loader makes every Linear fp8 anyway",
+        "all",
+        True,
+        True,
+        "every Linear weight in fp8 (embedders, final_layer, Flux.2's shared modulation too); norms and biases "
+        "bf16. Use for ComfyUI 0.3.x, whose scaled-fp8 loader makes every Linear fp8 anyway",
     ),
 }
 
@@ -86,8 +118,9 @@ class FP8Size:
         return self.total / self.bf16_bytes
 
 
-def policy_size(shape: FluxShape, policy: str | FP8Policy = "default", *, other_itemsize: int = 2,
-                fp8_matmul: bool = False) -> FP8Size:
+def policy_size(
+    shape: FluxShape, policy: str | FP8Policy = "default", *, other_itemsize: int = 2, fp8_matmul: bool = False
+) -> FP8Size:
     """Tensor bytes of a Flux checkpoint of `shape` written with `policy` (other tensors `other_itemsize`)."""
     pol = get_policy(policy)
     fp8 = other = n = total = 0
@@ -104,4 +137,3 @@ def policy_size(shape: FluxShape, policy: str | FP8Policy = "default", *, other_
 
 def preset_sizes(shape: FluxShape) -> dict[str, FP8Size]:
     return {name: policy_size(shape, name) for name in PRESETS}
-
