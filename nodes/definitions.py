@@ -19,6 +19,7 @@ import folder_paths
 from ..lora_ops import BLOCK_SPEC_GRAMMAR, GIB, MIB, LoRAOpsError, describe_blocks, parse_block_spec, resize_lora
 from ..lora_ops.fp8 import PRESETS, ROUNDINGS
 from . import library, runtime, text_encoder, vram
+from .fit import FitRequest, fit_lines
 
 CATEGORY = "Flux LoRA Ops"
 STACK_TYPE = "FLUX_LORA_STACK"
@@ -316,9 +317,13 @@ CAST_FP8 = NodeDef(
 # --------------------------------------------------------------------------------------------- VRAMReport
 
 
-def run_vram_report(label: str = "", passthrough=None) -> Result:
+def run_vram_report(
+    label: str = "", passthrough=None, width: int = 1024, height: int = 1024, batch_size: int = 1, cfg: bool = False
+) -> Result:
     snap = vram.take_snapshot(reset_peak=True)
-    text = vram.format_report(snap, label)
+    card = snap.gpu_total if snap.has_gpu else None
+    fit = fit_lines(passthrough, FitRequest(width, height, batch_size, cfg), card)
+    text = vram.format_report(snap, label) + "\n" + "\n".join(fit)
     chart = vram.draw_chart(snap, label)
     return Result((passthrough, text, chart), text)
 
@@ -328,17 +333,24 @@ VRAM_REPORT = NodeDef(
     display_name="VRAM Report",
     description=(
         "Reports GPU memory (total, free, torch allocated/reserved, peak since the previous report), each model "
-        "ComfyUI has loaded, the process RSS and system RAM, as text and as a bar chart. Runs every time the "
-        "prompt runs. Connect anything to 'passthrough' to place it in the graph (e.g. after a sampler)."
+        "ComfyUI has loaded, the process RSS and system RAM, as text and as a bar chart; and, next to what is used, "
+        "whether sampling the Flux model at the given size fits the card (the pack's planner, on the model as "
+        "loaded) with the cheapest change if not. Runs every time the prompt runs. Connect anything to "
+        "'passthrough' to place it in the graph (e.g. after a sampler); a MODEL there is the one planned."
     ),
     inputs=(
         In("label", "STRING", "A name for this report (e.g. 'before merge').", optional=True, default=""),
         In(
             "passthrough",
             ANY_TYPE,
-            "Anything; it is passed on unchanged and makes the report run after it.",
+            "Anything; it is passed on unchanged and makes the report run after it. A Flux MODEL here is the one "
+            "'will this fit' plans (otherwise the Flux model ComfyUI has loaded).",
             optional=True,
         ),
+        In("width", "INT", "Image width to plan for.", optional=True, default=1024, min=64, max=16384, step=16),
+        In("height", "INT", "Image height to plan for.", optional=True, default=1024, min=64, max=16384, step=16),
+        In("batch_size", "INT", "Images per batch to plan for.", optional=True, default=1, min=1, max=64, step=1),
+        In("cfg", "BOOLEAN", "Plan for true CFG (a negative prompt doubles the batch).", optional=True, default=False),
     ),
     outputs=(
         Out(ANY_TYPE, "passthrough", "The 'passthrough' input, unchanged."),
