@@ -14,6 +14,7 @@ import pytest
 from lora_factory import TINY
 
 from lora_ops.cli import main as cli_main
+from lora_ops.errors import ModelMismatchError
 from lora_ops.flux import (
     FLUX2_DEV,
     FLUX2_KLEIN_4B,
@@ -165,3 +166,10 @@ def test_resize_figure_of_a_lora_file(tmp_path):
     assert info.max_rank == 16
     assert info.params_at_rank(shape, 4) == info.params * 4 // 16
     assert info.params_at_rank(shape, 32) == info.params
+
+
+def test_a_lora_of_another_family_is_refused(tmp_path):
+    """A Flux.1 LoRA planned on Flux.2 klein: the loader's family check, naming both; nothing is planned."""
+    lora = write_kohya_lora(tmp_path / "flux1_lora.safetensors", TINY, rank=4)
+    with pytest.raises(ModelMismatchError, match="Flux.2"):
+        plan(model="flux2-klein-4b", loras=[str(lora)])

@@ -201,27 +201,29 @@ def _bfl_name(name: str, expected: dict[str, tuple[int, ...]]) -> str:
 def read_loras(req: PlanRequest, shape: FluxShape) -> LoRAInfo | None:
     if not req.loras and req.lora_rank is None:
         return None
-    from ..formats import describe, load_lora
+    from .. import formats
 
+    shapes = flux_weight_shapes(shape)
     params = 0
     targets: dict[str, int] = {}
     labels, notes, files = [], [], []
     if req.lora_rank is not None:
-        for name, dims in flux_weight_shapes(shape).items():
+        for name, dims in shapes.items():
             if is_block_linear(name):
                 targets[name] = targets.get(name, 0) + req.lora_rank * sum(dims)
         params += kohya_lora_params(shape, req.lora_rank)
         labels.append(
-            f"kohya rank {req.lora_rank} on {sum(1 for n in flux_weight_shapes(shape) if is_block_linear(n))}"
+            f"kohya rank {req.lora_rank} on {sum(1 for n in shapes if is_block_linear(n))}"
             " block Linears"
         )
     for path in req.loras:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            lora = load_lora(path)
+            lora = formats.load_lora(path)
+        formats.check_fits(lora, shapes.get, f"the planned model ({describe(shape)})")
         files.append((path, lora))
         notes.extend(f"{path}: {w.message}" for w in caught)
-        info = describe(lora)
+        info = formats.describe(lora)
         params += int(info["params"])
         for target, adapters in lora.targets.items():
             targets[target] = targets.get(target, 0) + sum(t.numel() for a in adapters for t in a.factors().values())
