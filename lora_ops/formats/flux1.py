@@ -21,7 +21,8 @@ BFL_MODULES = (
     "final_layer.adaLN_modulation.1",
 )
 
-DIFFUSERS_MODULES = (
+#: Double-block attention under diffusers' names (the same in Flux.2).
+DIFFUSERS_DOUBLE_ATTENTION = (
     *(
         (f"transformer_blocks.{{i}}.attn.{d}", f"double_blocks.{{i}}.{s}_attn.qkv", ("split", n))
         for s, names in (("img", ("to_q", "to_k", "to_v")), ("txt", ("add_q_proj", "add_k_proj", "add_v_proj")))
@@ -29,6 +30,10 @@ DIFFUSERS_MODULES = (
     ),
     ("transformer_blocks.{i}.attn.to_out.0", "double_blocks.{i}.img_attn.proj", None),
     ("transformer_blocks.{i}.attn.to_add_out", "double_blocks.{i}.txt_attn.proj", None),
+)
+
+DIFFUSERS_MODULES = (
+    *DIFFUSERS_DOUBLE_ATTENTION,
     ("transformer_blocks.{i}.ff.net.0.proj", "double_blocks.{i}.img_mlp.0", None),
     ("transformer_blocks.{i}.ff.net.2", "double_blocks.{i}.img_mlp.2", None),
     ("transformer_blocks.{i}.ff_context.net.0.proj", "double_blocks.{i}.txt_mlp.0", None),

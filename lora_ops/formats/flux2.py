@@ -11,6 +11,7 @@ MLP inputs, the same row order), `linear2` is `attn.to_out`. kohya-style names (
 from __future__ import annotations
 
 from ..flux import FLUX2_SHARED_MODULATIONS
+from .flux1 import DIFFUSERS_DOUBLE_ATTENTION
 from .schemes import ModuleNames, Schemes
 
 BFL_MODULES = (
@@ -26,13 +27,7 @@ BFL_MODULES = (
 )
 
 DIFFUSERS_MODULES = (
-    *(
-        (f"transformer_blocks.{{i}}.attn.{d}", f"double_blocks.{{i}}.{s}_attn.qkv", ("split", n))
-        for s, names in (("img", ("to_q", "to_k", "to_v")), ("txt", ("add_q_proj", "add_k_proj", "add_v_proj")))
-        for n, d in enumerate(names)
-    ),
-    ("transformer_blocks.{i}.attn.to_out.0", "double_blocks.{i}.img_attn.proj", None),
-    ("transformer_blocks.{i}.attn.to_add_out", "double_blocks.{i}.txt_attn.proj", None),
+    *DIFFUSERS_DOUBLE_ATTENTION,
     ("transformer_blocks.{i}.ff.linear_in", "double_blocks.{i}.img_mlp.0", None),
     ("transformer_blocks.{i}.ff.linear_out", "double_blocks.{i}.img_mlp.2", None),
     ("transformer_blocks.{i}.ff_context.linear_in", "double_blocks.{i}.txt_mlp.0", None),
