@@ -8,45 +8,11 @@ error it raised.
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
 import json
 import sys
-import types
 
 import torch
-
-
-class _Stub(types.ModuleType):
-    def __getattr__(self, attr: str) -> types.ModuleType:
-        if attr.startswith("__"):
-            raise AttributeError(attr)
-        return _Stub(f"{self.__name__}.{attr}")
-
-
-class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Serves `torchvision.*` as empty modules: ComfyUI imports it at module level in unrelated models."""
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname == "torchvision" or fullname.startswith("torchvision."):
-            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
-        return None
-
-    def create_module(self, spec):
-        return _Stub(spec.name)
-
-    def exec_module(self, module):
-        module.__path__ = []
-
-
-def _torchvision_or_stub() -> None:
-    """A venv whose torchvision does not match its torch cannot import ComfyUI; Flux never uses torchvision."""
-    try:
-        import torchvision  # noqa: F401
-    except (ImportError, RuntimeError, OSError):
-        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[name]
-        sys.meta_path.insert(0, _StubFinder())
+from torchvision_stub import torchvision_or_stub
 
 
 def probe(name: str) -> dict:
@@ -71,7 +37,7 @@ def main() -> None:
     import comfy.options
 
     comfy.options.enable_args_parsing()
-    _torchvision_or_stub()
+    torchvision_or_stub()
     out = {}
     for name in names:
         try:
