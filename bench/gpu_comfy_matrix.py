@@ -243,11 +243,8 @@ def main() -> int:
     ap.add_argument("--cpu-rehearsal", action="store_true")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    candidates = (
-        [args.comfyui_root]
-        if args.comfyui_root
-        else [REPO.parent / "shared/comfyui/0.33.0", REPO / "shared/comfyui/0.33.0"]
-    )
+    given = args.comfyui_root or (Path(os.environ["COMFYUI_ROOT"]) if os.environ.get("COMFYUI_ROOT") else None)
+    candidates = [given] if given else [REPO.parent / "shared/comfyui/0.33.0", REPO / "shared/comfyui/0.33.0"]
     root = next((c.resolve() for c in candidates if (c / "main.py").is_file()), candidates[0])
     report: dict = {"comfyui_root": str(root), "modes": []}
     problem = _missing(root)

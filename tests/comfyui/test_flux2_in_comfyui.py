@@ -10,12 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from flux2_oracle import COMFY_FLUX2_FORMATS, FLUX2_SHARED
 from lora_factory import base_state_dict, default_targets, write_lora
 from safetensors.torch import load_file, save_file
-from test_architecture_in_comfyui import has_flux2
+from test_architecture_in_comfyui import NEEDS_FLUX2
 
 from lora_ops import FluxShape, load_lora, merge_loras
 
@@ -60,9 +59,8 @@ def comfy_name(key: str) -> str:
     return key[: -len(".scale")] + ".weight" if key.endswith(".scale") else key
 
 
+@NEEDS_FLUX2
 def test_comfyui_and_our_merge_agree_on_flux2(comfyui_root, tmp_path):
-    if not has_flux2(comfyui_root):
-        pytest.skip(f"ComfyUI at {comfyui_root} has no Flux.2 (added in 0.33); run with COMFYUI_ROOT at 0.33.0")
     base = base_state_dict(SHAPE, 5)
     checkpoint = tmp_path / "flux2_tiny.safetensors"
     save_file(base, str(checkpoint))
