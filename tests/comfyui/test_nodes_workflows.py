@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -24,7 +25,8 @@ from comfy_harness import FLUX_TINY_NAME, REPO_ROOT
 from safetensors.torch import load_file, save_file
 
 from lora_ops import FluxShape
-from lora_ops.synthetic import kohya_lora_tensors
+from lora_ops.flux import FLUX2_DEV
+from lora_ops.synthetic import kohya_lora_tensors, write_flux_checkpoint
 
 EXAMPLES = REPO_ROOT / "example_workflows"
 UI_FILES = sorted(EXAMPLES.glob("*.json"))
@@ -35,7 +37,20 @@ EXPECTED = {
     "merged_then_fp8",
     "several_loras_stacked",
     "vram_report_before_after",
+    "flux2_lora_merged_fp8",
 }
+
+
+#: Flux.2 stand-in for the Flux.2 example: real key names (ComfyUI detects it as Flux.2 by its shared modulation),
+#: 1 + 1 blocks, width 256; its txt_in reads the test conditioning's 4096-wide tokens.
+FLUX2_TINY = dataclasses.replace(FLUX2_DEV, hidden=256, heads=2, depth=1, depth_single=1, context_dim=4096)
+FLUX2_TINY_NAME = "flux2_tiny.safetensors"
+
+
+def needs_flux2(comfy_server, ui_file: Path) -> None:
+    """Flux.2 nodes (EmptyFlux2LatentImage, CLIPLoader type flux2) exist from ComfyUI 0.4 on; 0.3.64 skips."""
+    if ui_file.stem.startswith("flux2") and "EmptyFlux2LatentImage" not in comfy_server.object_info():
+        pytest.skip("the Flux.2 example needs a ComfyUI with Flux.2 (0.33.0 in these tests)")
 
 
 def api_twin(ui_file: Path) -> Path:
@@ -62,6 +77,7 @@ def _compatible(a: str, b: str) -> bool:
 
 @pytest.mark.parametrize("ui_file", UI_FILES, ids=lambda p: p.stem)
 def test_ui_workflow_matches_object_info(comfy_server, ui_file):
+    needs_flux2(comfy_server, ui_file)
     info = comfy_server.object_info()
     wf = json.loads(ui_file.read_text())
     nodes = {n["id"]: n for n in wf["nodes"]}
@@ -108,6 +124,12 @@ def example_loras(comfy_server, tmp_path_factory) -> dict[str, str]:
         path = folder / f"example_{name}"
         save_file({k: v for k, v in tensors.items() if k.startswith(prefixes)}, str(path))
         out[name] = comfy_server.add_lora(path)
+    write_flux_checkpoint(comfy_server.diffusion_models_dir / FLUX2_TINY_NAME, FLUX2_TINY, seed=5)
+    tensors = kohya_lora_tensors(FLUX2_TINY, 16, seed=50, relative_change=0.05)
+    prefixes = ("lora_unet_double_blocks_0_img_attn_proj.", "lora_unet_single_blocks_0_linear2.")
+    path = folder / "example_my_flux2_lora.safetensors"
+    save_file({k: v for k, v in tensors.items() if k.startswith(prefixes)}, str(path))
+    out["my_flux2_lora.safetensors"] = comfy_server.add_lora(path)
     return out
 
 
@@ -118,10 +140,11 @@ def for_test(api: dict, lora_names: dict[str, str], tag: str) -> dict:
     for nid, node in list(prompt.items()):
         kind, inputs = node["class_type"], node["inputs"]
         if kind == "UNETLoader":
-            inputs.update(unet_name=FLUX_TINY_NAME, weight_dtype="default")
+            flux2 = inputs["unet_name"].startswith("flux2")
+            inputs.update(unet_name=FLUX2_TINY_NAME if flux2 else FLUX_TINY_NAME, weight_dtype="default")
         elif kind == "LoadFluxLoRA":
             inputs["lora_name"] = lora_names[inputs["lora_name"]]
-        elif kind in ("DualCLIPLoader", "VAELoader"):
+        elif kind in ("DualCLIPLoader", "CLIPLoader", "VAELoader"):
             del prompt[nid]
         elif kind in ("CLIPTextEncode", "ConditioningZeroOut"):
             prompt[nid] = {"class_type": "FluxLoRAOpsTestConditioning", "inputs": {"seed": 3}}
@@ -130,7 +153,7 @@ def for_test(api: dict, lora_names: dict[str, str], tag: str) -> dict:
                 "class_type": "FluxLoRAOpsTestConditioning",
                 "inputs": {"seed": 3, "guidance": inputs["guidance"]},
             }
-        elif kind == "EmptySD3LatentImage":
+        elif kind in ("EmptySD3LatentImage", "EmptyFlux2LatentImage"):
             inputs.update(width=64, height=64, batch_size=1)
         elif kind == "KSampler":
             inputs["steps"] = 1
@@ -149,6 +172,7 @@ def for_test(api: dict, lora_names: dict[str, str], tag: str) -> dict:
 
 @pytest.mark.parametrize("ui_file", UI_FILES, ids=lambda p: p.stem)
 def test_api_twin_runs(comfy_server, example_loras, ui_file):
+    needs_flux2(comfy_server, ui_file)
     api = json.loads(api_twin(ui_file).read_text())
     ui_types = sorted(n["type"] for n in json.loads(ui_file.read_text())["nodes"])
     assert sorted(n["class_type"] for n in api.values()) == ui_types  # the twin is the same graph
@@ -158,17 +182,22 @@ def test_api_twin_runs(comfy_server, example_loras, ui_file):
     [saver] = [nid for nid, n in prompt.items() if n["class_type"] == "SaveLatent"]
     [latent_path] = comfy_server.output_files(entry, saver, "latents")
     latent = load_file(str(latent_path))["latent_tensor"]
-    assert latent.shape == (1, 16, 8, 8) and torch.isfinite(latent).all()
+    flux2 = ui_file.stem.startswith("flux2")
+    assert latent.shape == ((1, 128, 4, 4) if flux2 else (1, 16, 8, 8)) and torch.isfinite(latent).all()
     previews = [nid for nid, n in prompt.items() if n["class_type"] == "PreviewAny"]
     texts = [outputs[nid]["text"][0] for nid in previews]
     assert texts and all(texts), outputs
     if ui_file.stem == "vram_report_before_after":
         assert any("VRAM report: before merge" in t for t in texts)
         assert any("VRAM report: after merge + sampling" in t and "merged " in t for t in texts)
+        # next to what is used, 'will this fit' for the model at 1024x1024 (the pack's planner, as loaded)
+        assert all("Will this fit? Sampling 1024x1024" in t and "sampling peak" in t for t in texts)
         charts = [nid for nid, n in prompt.items() if n["class_type"] == "PreviewImage"]
         assert len(charts) == 2 and all(outputs[nid]["images"] for nid in charts)
     else:
         assert any("unmapped" in t and "Flux weights changed" in t for t in texts)
+    if flux2:  # the planner on the merged, fp8-cast Flux.2 model as ComfyUI loaded it
+        assert any("Will this fit? Sampling 1024x1024" in t and "Flux.2" in t and "fp8" in t for t in texts), texts
     if ui_file.stem == "lora_block_weights":
         assert any("[blocks style: late single blocks]" in t for t in texts), texts
     if ui_file.stem == "merged_then_fp8":
