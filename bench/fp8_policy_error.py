@@ -25,13 +25,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lora_ops import GIB, fp8
+from lora_ops.flux import VARIANTS, FluxShape, flux_weight_shapes, is_modulation
+from lora_ops.synthetic import flux_state_dict
 
-from lora_ops import fp8  # noqa: E402
-from lora_ops.flux import VARIANTS, FluxShape, flux_weight_shapes, is_modulation  # noqa: E402
-from lora_ops.synthetic import flux_state_dict  # noqa: E402
-
-GIB = 1 << 30
 #: Weight groups by name: (label, test on the BFL name of a `.weight`).
 GROUPS = (
     ("img_in", lambda n: n.startswith("img_in.")),

@@ -14,10 +14,8 @@ from dataclasses import dataclass
 import comfy.model_management
 import torch
 
-from ..lora_ops import planner, shape_from_state_dict
+from ..lora_ops import GIB, planner, shape_from_state_dict
 from .quantized import is_quantized
-
-GIB = 1 << 30
 
 
 @dataclass(frozen=True)
