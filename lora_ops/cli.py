@@ -103,6 +103,7 @@ def _inspect(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
     else:
         print(f"{lora.path}: {info['format']} LoRA, {info['targets']} Flux weights, kinds {info['kinds']}")
+        print(f"  made for {info['family']}")
         print(f"  ranks {info['ranks']}; alphas {info['alphas']}; {info['file_mib']:.1f} MiB of factors")
         print(f"  unmerged at run time it adds about {info['unmerged_runtime_mib']:.0f} MiB of GPU memory "
               "(fp32 factors + bf16 autocast cache, as kohya's flux_minimal_inference keeps them); merged: 0")

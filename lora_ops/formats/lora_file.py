@@ -103,6 +103,7 @@ def describe(lora: LoRAFile) -> dict[str, object]:
     return {
         "path": str(lora.path),
         "format": lora.format,
+        "family": FAMILY_NAMES.get(lora.family or "", "either (its names and shapes fit Flux.1 and Flux.2)"),
         "targets": len(lora.targets),
         "kinds": lora.kinds(),
         "ranks": lora.ranks,

@@ -1,6 +1,7 @@
 """A Flux.2-shaped checkpoint (real key names) that ComfyUI 0.33.0 loads as Flux2, and Flux.2 LoRAs in every
-format ComfyUI maps: ComfyUI's own LoRA patching and our merge give the same bits. Skipped, with the
-reason, on a ComfyUI without Flux.2 (0.3.64)."""
+format ComfyUI maps: ComfyUI's own LoRA patching, our library merge and our merge node on the model as
+UNETLoader loads it give the same bits, and loading the plain model again gives the exact base back.
+Skipped, with the reason, on a ComfyUI without Flux.2 (0.3.64)."""
 
 from __future__ import annotations
 
@@ -96,3 +97,7 @@ def test_comfyui_and_our_merge_agree_on_flux2(comfyui_root, tmp_path):
         assert changed, fmt
         differ = [k for k in ours if not torch.equal(ours[k], theirs[comfy_name(k)])]
         assert not differ, f"{fmt}: ComfyUI and lora_ops differ at {differ[:5]}"
+        node = load_file(str(tmp_path / f"node_{i}.safetensors"))
+        assert node.keys() == theirs.keys() and all(torch.equal(node[k], theirs[k]) for k in node), fmt
+        after = load_file(str(tmp_path / f"base_{i}.safetensors"))
+        assert all(torch.equal(after[comfy_name(k)], v) for k, v in base.items()), f"{fmt}: undo not exact"
