@@ -1,7 +1,7 @@
 """A Flux.2-shaped checkpoint (real key names) that ComfyUI 0.33.0 loads as Flux2, and Flux.2 LoRAs in every
 format ComfyUI maps: ComfyUI's own LoRA patching, our library merge and our merge node on the model as
 UNETLoader loads it give the same bits, and loading the plain model again gives the exact base back.
-Skipped, with the reason, on a ComfyUI without Flux.2 (0.3.64)."""
+Deselected on a ComfyUI without Flux.2 (0.3.64)."""
 
 from __future__ import annotations
 
