@@ -192,6 +192,18 @@ def _comfy_import():
     return comfy
 
 
+def _held_weight(module) -> tuple[torch.Tensor, float]:
+    """(dequantised weight, scale) as ComfyUI holds a Linear: a QuantizedTensor (0.33+: comfy_quant, and scaled_fp8
+    files translated on load) or an fp8 weight with `scale_weight` (0.3.x scaled-fp8 ops)."""
+    w = module.weight
+    if hasattr(w, "_qdata"):
+        return w.dequantize().float(), float(w._params.scale)
+    scale = getattr(module, "scale_weight", None)
+    if scale is None:
+        return w.float(), 1.0
+    return (w.to(torch.bfloat16) * scale.to(torch.bfloat16)).float(), float(scale)
+
+
 def probe_main(args: list[str]) -> None:
     """Runs inside ComfyUI's Python (cwd = COMFYUI_ROOT); prints one JSON line."""
     import logging
@@ -215,13 +227,14 @@ def probe_main(args: list[str]) -> None:
         result: dict[str, object] = {"ops": type(model.img_in).__qualname__}
         for name in ("double_blocks.0.img_attn.qkv", "img_in", "final_layer.linear", "double_blocks.0.img_mod.lin"):
             m = model.get_submodule(name)
-            comfy_w = (m.weight.to(torch.bfloat16) * m.scale_weight.to(torch.bfloat16)).float()
+            comfy_w, scale = _held_weight(m)
             if ours[name + ".weight"].dtype == E4M3:
-                mine = (ours[name + ".weight"].float() * ours[name + ".scale_weight"]).to(torch.bfloat16).float()
+                file_scale = ours.get(name + ".scale_weight", ours.get(name + ".weight_scale"))
+                mine = (ours[name + ".weight"].float() * file_scale).to(torch.bfloat16).float()
             else:
                 mine = ours[name + ".weight"].float()
             entry = {"weight_dtype": str(m.weight.dtype), "bias_dtype": str(m.bias.dtype),
-                     "scale": float(m.scale_weight), "max_abs_diff_vs_file": float((comfy_w - mine).abs().max()),
+                     "scale": scale, "max_abs_diff_vs_file": float((comfy_w - mine).abs().max()),
                      "rel_err_vs_file": float((comfy_w - mine).norm() / mine.norm())}
             if bf16_src:
                 b = bf16_src[name + ".bias"].float()
@@ -241,11 +254,11 @@ def probe_main(args: list[str]) -> None:
 def comfy_load_section(workdir: Path) -> None:
     from lora_ops.synthetic import write_flux_checkpoint
 
-    print("\nComfyUI 0.3.64 loading our scaled-fp8 files (real width, 1 double + 1 single block, CPU)")
+    print("\nComfyUI (COMFYUI_ROOT) loading our scaled-fp8 files (real width, 1 double + 1 single block, CPU)")
     src = write_flux_checkpoint(workdir / "flux_d1s1.safetensors", FluxShape(depth=1, depth_single=1), seed=0)
     for policy in ("default", "all"):
         out = workdir / f"flux_d1s1_fp8_{policy}.safetensors"
-        fp8.merge_checkpoint_fp8(src, [], out, policy=policy)
+        fp8.merge_checkpoint_fp8(src, [], out, policy=policy, file_format="scaled_fp8")
         res = comfy_probe(["load", str(out), str(out), str(src)])
         print(f"policy {policy}: ComfyUI ops {res.pop('ops')}")
         for name, e in res.items():

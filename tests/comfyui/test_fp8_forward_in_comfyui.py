@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from comfy_harness import reads_comfy_quant
+
 from lora_ops import fp8, load_lora
 from lora_ops.flux import FluxShape
 from lora_ops.offline import merge_checkpoint
@@ -50,7 +52,7 @@ for name, path in paths.items():
     options = {{"dtype": torch.float8_e4m3fn}} if name.startswith("comfy_fp8") else {{}}
     patcher = comfy.sd.load_diffusion_model(path, model_options=options)
     model = patcher.model.diffusion_model
-    dtypes = sorted({{str(p.dtype) for p in model.parameters()}})
+    dtypes = sorted({{str(getattr(p, "_qdata", p).dtype) for p in model.parameters()}})  # QuantizedTensor: payload
     with torch.no_grad():
         out[name] = (model(x, t, context, y=y, guidance=g).float(), dtypes)
     del patcher, model
@@ -75,10 +77,11 @@ def test_comfyui_flux_forward_fp8_close_to_bf16(comfyui_root, flux_tiny_checkpoi
     lora = load_lora(lora_path)
     merged = tmp_path / "merged_bf16.safetensors"
     merge_checkpoint(flux_tiny_checkpoint, [(lora, 1.0)], merged)
+    native = "comfy_quant" if reads_comfy_quant(comfyui_root) else "scaled_fp8"  # the format this ComfyUI reads
     quant = tmp_path / "merged_fp8.safetensors"
-    fp8.merge_checkpoint_fp8(flux_tiny_checkpoint, [(lora, 1.0)], quant, policy="all")
+    fp8.merge_checkpoint_fp8(flux_tiny_checkpoint, [(lora, 1.0)], quant, policy="all", file_format=native)
     quant_base = tmp_path / "base_fp8.safetensors"
-    fp8.merge_checkpoint_fp8(flux_tiny_checkpoint, [], quant_base, policy="all")
+    fp8.merge_checkpoint_fp8(flux_tiny_checkpoint, [], quant_base, policy="all", file_format=native)
     paths = {"base": str(flux_tiny_checkpoint), "bf16": str(merged), "fp8": str(quant), "comfy_fp8": str(merged),
              "fp8_base": str(quant_base), "comfy_fp8_base": str(flux_tiny_checkpoint)}
     proc = subprocess.run([sys.executable, "-c", _probe_script(paths)], cwd=comfyui_root, capture_output=True,
