@@ -39,21 +39,13 @@ import torch
 from flux2_oracle import flux2_default_targets, flux2_diffusers_modules
 from safetensors.torch import save_file
 
-try:
-    from lora_ops.flux import FluxShape, flux_weight_shapes
-except Exception:  # noqa: BLE001 -- the package is being written and may not import: load flux.py on its own
-    import importlib.util
-    import sys
-
-    _spec = importlib.util.spec_from_file_location(
-        "_lora_factory_flux", Path(__file__).resolve().parents[1] / "lora_ops" / "flux.py")
-    _flux = importlib.util.module_from_spec(_spec)
-    sys.modules[_spec.name] = _flux
-    _spec.loader.exec_module(_flux)
-    FluxShape, flux_weight_shapes = _flux.FluxShape, _flux.flux_weight_shapes
+from lora_ops.flux import FluxShape, flux_weight_shapes
 
 TINY = FluxShape(hidden=32, depth=2, depth_single=2, heads=2, context_dim=48, vec_dim=24, time_dim=16,
                  in_channels=16, out_channels=16)
+#: A tiny Flux.2: shared modulation, gated MLP (ratio 3), no biases, no pooled vector.
+TINY_FLUX2 = FluxShape(family="flux2", hidden=64, depth=2, depth_single=3, heads=2, mlp_ratio=3, in_channels=32,
+                       out_channels=32, context_dim=48, vec_dim=0, guidance=True)
 
 #: Formats that write a LoRA which should merge into a Flux model.
 MERGE_FORMATS = (

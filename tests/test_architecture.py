@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from lora_factory import TINY_FLUX2
 
 from lora_ops.flux import (
     CHROMA,
@@ -21,19 +22,6 @@ from lora_ops.flux import (
     shape_from_state_dict,
 )
 
-TINY_FLUX2 = FluxShape(
-    family=FLUX2,
-    hidden=64,
-    depth=2,
-    depth_single=3,
-    heads=2,
-    mlp_ratio=3,
-    in_channels=32,
-    out_channels=32,
-    context_dim=48,
-    vec_dim=0,
-    guidance=True,
-)
 TINY_CHROMA = FluxShape(
     family=CHROMA,
     hidden=64,

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 from flux2_oracle import FLUX2_FORMATS
-from lora_factory import TINY, base_state_dict, write_lora
+from lora_factory import TINY, TINY_FLUX2, base_state_dict, write_lora
 from safetensors.torch import load_file
 from tensor_checks import snapshot
 from test_formats import check_against_oracle, load, merge
@@ -21,19 +21,6 @@ from lora_ops import FluxShape, ModelMismatchError, merge_loras
 from lora_ops.errors import LoRAFormatError
 from lora_ops.synthetic import write_flux_checkpoint
 
-TINY2 = FluxShape(
-    family="flux2",
-    hidden=64,
-    depth=2,
-    depth_single=3,
-    heads=2,
-    mlp_ratio=3,
-    in_channels=32,
-    out_channels=32,
-    context_dim=48,
-    vec_dim=0,
-    guidance=True,
-)
 #: Flux.1 at Flux.2's width: only the MLP shapes tell their LoRAs apart.
 TINY1_SAME_WIDTH = FluxShape(
     hidden=64,
@@ -51,13 +38,13 @@ RANK, SEED, BASE_SEED = 4, 2026, 11
 
 @pytest.fixture(scope="module")
 def base():
-    return base_state_dict(TINY2, BASE_SEED)
+    return base_state_dict(TINY_FLUX2, BASE_SEED)
 
 
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory, base):
     d = tmp_path_factory.mktemp("flux2_loras")
-    return {fmt: write_lora(fmt, d / f"{fmt}.safetensors", TINY2, RANK, SEED, base=base) for fmt in FLUX2_FORMATS}
+    return {fmt: write_lora(fmt, d / f"{fmt}.safetensors", TINY_FLUX2, RANK, SEED, base=base) for fmt in FLUX2_FORMATS}
 
 
 @pytest.mark.parametrize("strength", (1.0, -0.6))
@@ -137,7 +124,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_merge_cast_inspect_on_a_flux2_checkpoint(tmp_path, cases):
-    model = write_flux_checkpoint(tmp_path / "flux2.safetensors", TINY2, seed=3, prefix="model.diffusion_model.")
+    model = write_flux_checkpoint(tmp_path / "flux2.safetensors", TINY_FLUX2, seed=3, prefix="model.diffusion_model.")
     out = tmp_path / "merged.safetensors"
     result = _cli("merge", str(model), "--lora", f"{cases['kohya'].path}:0.7", "--out", str(out), "--device", "cpu")
     assert result.returncode == 0, result.stderr

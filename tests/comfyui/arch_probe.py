@@ -12,7 +12,6 @@ import json
 import sys
 
 import torch
-from torchvision_stub import torchvision_or_stub
 
 
 def probe(name: str) -> dict:
@@ -37,7 +36,6 @@ def main() -> None:
     import comfy.options
 
     comfy.options.enable_args_parsing()
-    torchvision_or_stub()
     out = {}
     for name in names:
         try:

@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import torch
-from torchvision_stub import torchvision_or_stub
 
 
 class _NotLoaded(logging.Handler):
@@ -54,7 +53,6 @@ def main() -> None:
     import comfy.options
 
     comfy.options.enable_args_parsing()
-    torchvision_or_stub()
     import comfy.lora
     import comfy.lora_convert
     import comfy.model_management

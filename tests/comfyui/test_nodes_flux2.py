@@ -7,33 +7,17 @@ from __future__ import annotations
 import pytest
 import torch
 from inprocess import assert_equal, build_model, entry, fresh_merge, load, make_loras, weights
-from lora_factory import TINY, base_state_dict, write_lora
-
-from lora_ops import FluxShape
-
-SHAPE = FluxShape(
-    family="flux2",
-    hidden=64,
-    depth=2,
-    depth_single=2,
-    heads=2,
-    mlp_ratio=3,
-    in_channels=32,
-    out_channels=32,
-    context_dim=48,
-    vec_dim=0,
-    guidance=True,
-)
+from lora_factory import TINY, TINY_FLUX2, base_state_dict, write_lora
 
 
 @pytest.fixture(scope="module")
 def base2():
-    return base_state_dict(SHAPE, 3)
+    return base_state_dict(TINY_FLUX2, 3)
 
 
 @pytest.fixture(scope="module")
 def loras2(tmp_path_factory, pack, base2):
-    return make_loras(tmp_path_factory.mktemp("flux2_loras"), pack, SHAPE, base2)
+    return make_loras(tmp_path_factory.mktemp("flux2_loras"), pack, TINY_FLUX2, base2)
 
 
 @pytest.fixture
