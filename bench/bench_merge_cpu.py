@@ -3,7 +3,7 @@
 Run by hand (never a unit test):
 
     PYTHONPATH=. python bench/bench_merge_cpu.py [--repeats 3] [--rank 32] [--json out.json]
-    COMFYUI_ROOT=/work/comfyui PYTHONPATH=. python bench/bench_merge_cpu.py   # also time ComfyUI's patching
+    COMFYUI_ROOT=../shared/comfyui/0.3.64 PYTHONPATH=. python bench/bench_merge_cpu.py   # also time ComfyUI's patching
 
 Model: real width 3072, 1 double + 1 single block (lora_ops.synthetic.flux_state_dict), bf16. LoRA:
 kohya rank 32 on every block Linear (lora_ops.synthetic.write_kohya_lora). All on the CPU, default
@@ -262,7 +262,7 @@ def _comfy_version(root: str) -> str:
 def run_comfy(shape, lora_path: Path, tmp: Path, ours_sample: torch.Tensor, repeats: int) -> dict | None:
     root = os.environ.get("COMFYUI_ROOT")
     if not root:
-        print("\nComfyUI: skipped (set COMFYUI_ROOT=/work/comfyui to time ComfyUI's own patching)")
+        print("\nComfyUI: skipped (set COMFYUI_ROOT=../shared/comfyui/0.3.64 to time ComfyUI's own patching)")
         return None
     from lora_ops.synthetic import write_flux_checkpoint
 

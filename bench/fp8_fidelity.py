@@ -1,7 +1,7 @@
 """How faithfully do LoRAs survive a merge into fp8? Our scaled fp8 vs kohya's cast vs ComfyUI's rounding (CPU).
 
     PYTHONPATH=. python bench/fp8_fidelity.py [--layers qkv,mlp] [--rank 32]
-    COMFYUI_ROOT=/work/comfyui COMFYUI_PYTHON=/work/venv/bin/python PYTHONPATH=. python bench/fp8_fidelity.py
+    COMFYUI_ROOT=../shared/comfyui/0.3.64 COMFYUI_PYTHON=<venv>/bin/python PYTHONPATH=. python bench/fp8_fidelity.py
 
 Real-width Flux weights (one double-block img_attn.qkv 9216x3072 and one img_mlp.0 12288x3072 from
 lora_ops.synthetic, bf16) and a rank-32 LoRA whose change is 1 %, 3 % and 10 % of the weight's norm.

@@ -71,7 +71,7 @@ def comfyui_root() -> Path:
     value = os.environ.get("COMFYUI_ROOT")
     if not value:
         pytest.skip(
-            "COMFYUI_ROOT is not set: point it at a ComfyUI checkout (e.g. COMFYUI_ROOT=/work/comfyui) "
+            "COMFYUI_ROOT is not set: point it at a ComfyUI checkout (e.g. COMFYUI_ROOT=../shared/comfyui/0.33.0) "
             "to run the real-server integration tests"
         )
     if not is_comfyui_root(value):

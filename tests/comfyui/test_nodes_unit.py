@@ -1,6 +1,6 @@
 """The ComfyUI nodes in-process, against ComfyUI's real ModelPatcher / load_models_gpu on a tiny Flux-named model.
 
-Needs a ComfyUI checkout (COMFYUI_ROOT, e.g. /work/comfyui); skipped otherwise. The pack is imported the way
+Needs a ComfyUI checkout (COMFYUI_ROOT, e.g. ../shared/comfyui/0.33.0); skipped otherwise. The pack is imported the way
 ComfyUI imports it: as a package named after its folder (here `flux_lora_ops_unit`), so its relative imports
 resolve to its own `lora_ops` and `nodes`, never to ComfyUI's top-level `nodes` module.
 
