@@ -45,7 +45,8 @@ from pathlib import Path
 
 import torch
 
-MIB = 1 << 20
+from lora_ops.units import MIB
+
 SAMPLE_KEY = "single_blocks.0.linear1.weight"
 
 

@@ -34,8 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-MIB = 1 << 20
-GIB = 1 << 30
+from lora_ops.units import GIB, MIB
 
 #: Runs `argv` in a grandchild and prints (exit code, ru_maxrss of the children in bytes, seconds).
 _WRAPPER = r"""

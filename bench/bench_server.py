@@ -40,7 +40,7 @@ from comfy_harness import (  # noqa: E402
     write_flux_tiny,
 )
 
-MIB = 1 << 20
+from lora_ops.units import MIB  # noqa: E402
 
 
 def _status_kib(pid: int, field: str) -> int:

@@ -26,6 +26,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "tests" / "comfyui")]
 
+from lora_ops.units import MIB  # noqa: E402
+
 
 def _comfy(root: str):
     sys.path.insert(0, root)
@@ -149,8 +151,8 @@ def main() -> int:
         "torch_threads": torch.get_num_threads(),
     }
     print(
-        f"model {model_bytes / 2**20:.0f} MiB, LoRA rank {args.rank} {result['lora_bytes'] / 2**20:.1f} MiB; "
-        f"private merged copies would hold {touched_bytes / 2**20:.0f} MiB of host RAM"
+        f"model {model_bytes / MIB:.0f} MiB, LoRA rank {args.rank} {result['lora_bytes'] / MIB:.1f} MiB; "
+        f"private merged copies would hold {touched_bytes / MIB:.0f} MiB of host RAM"
     )
     print("strength  ours load  ours 1st cast  core load  core 1st cast  ours/core cast  bit-exact  our copies")
     for r in rows:

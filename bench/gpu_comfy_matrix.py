@@ -34,6 +34,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests" / "comfyui")]
 
+from lora_ops.units import MIB  # noqa: E402
+
 NEEDED = ("aiohttp", "requests", "safetensors", "torchsde", "comfy_aimdo", "comfy_kitchen", "psutil")
 S1, S2 = 0.8, -0.4
 
@@ -94,7 +96,7 @@ class Matrix:
         self.out["figures"][label] = {
             "seconds": round(seconds, 3),
             "vram_mib": _vram_mib(self.server.proc.pid),
-            "rss_mib": round(self.proc.memory_info().rss / 2**20, 1),
+            "rss_mib": round(self.proc.memory_info().rss / MIB, 1),
         }
         return entry, seconds
 

@@ -47,8 +47,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-MIB = 1 << 20
-GIB = 1 << 30
+from lora_ops.units import GIB, MIB
 
 # ---------------------------------------------------------------------------------------------
 # Memory and time on either device
