@@ -26,6 +26,7 @@ from .flux import (
 )
 from .formats import Coverage, LoRAFile, check_fits, load_lora
 from .merge import MergeOptions, MergeReport, MergeState, merge_loras, restore, terms_by_target
+from .reload import find_model_file, merged_keys, reload_weights, restore_from_file
 from .resize import LayerResize, ResizeReport, resize_lora, unmerged_saving
 from .text_encoder import text_encoder_modules, text_encoder_tensors
 from .units import GIB, MIB
@@ -66,12 +67,16 @@ __all__ = [
     "checksum",
     "checksums",
     "check_fits",
+    "find_model_file",
     "flux_weight_shapes",
     "load_lora",
     "merge_loras",
+    "merged_keys",
     "parse_block_spec",
+    "reload_weights",
     "resize_lora",
     "restore",
+    "restore_from_file",
     "terms_by_target",
     "text_encoder_modules",
     "text_encoder_tensors",
