@@ -306,7 +306,7 @@ def main() -> int:
 
     from lora_ops import MergeOptions, MergeReport, load_lora, merge_loras, restore
     from lora_ops.flux import FluxShape, parameter_count
-    from lora_ops.merge import DEFAULT_TILE_BYTES
+    from lora_ops.rows import DEFAULT_TILE_BYTES
     from lora_ops.synthetic import flux_state_dict, write_kohya_lora
 
     shape = FluxShape(depth=1, depth_single=1)

@@ -17,19 +17,20 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from . import rows
-from .adapters import ROW_BLOCK, DoRA
+from .adapters import ROW_BLOCK
 from .errors import LoRAOpsError, ModelMismatchError, UndoError, is_out_of_memory
 from .flux import strip_model_prefix
 from .formats import LoRAFile, check_fits
 from .heap import trim_heap
-from .journal import Arithmetic, Journal, differing_bits, fingerprint, threads_of
-from .rows import DEFAULT_TILE_BYTES, Codec, Term, tile_budget, tile_rows_for, working_bytes  # noqa: F401 (planner)
+from .journal import Arithmetic, Journal, threads_of
+from .rows import FP8_BUFFERS, MERGE_BUFFERS, Codec, Term, tile_budget, tile_rows_for, working_bytes
+from .transition import KeyJob, RollbackReserve, rollback_bytes
 from .units import MIB
 
 
@@ -84,6 +85,7 @@ class MergeReport:
     peak_tile_bytes: int = 0
     journal_bytes: int = 0
     retries: int = 0
+    reserve_bytes: int = 0  # memory held back so that a failure can always be rolled back
 
 
 def weight_map(target: Mapping[str, torch.Tensor] | torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -110,219 +112,6 @@ def terms_by_target(stack: Sequence[tuple[LoRAFile, float]]) -> dict[str, list[T
 
 def _same_terms(a: list[Term], b: list[Term]) -> bool:
     return len(a) == len(b) and all(x[0] is y[0] and x[1] == y[1] for x, y in zip(a, b))
-
-
-class _KeyJob:
-    """One weight's transition from `old` terms to `new` terms, tile by tile."""
-
-    def __init__(self, key: str, weight: torch.Tensor, old: list[Term], new: list[Term], journal: Journal | None,
-                 codec: Codec, arithmetic: Arithmetic, state: MergeState, exact_undo: bool = True,
-                 workspace: rows.Workspace | None = None) -> None:
-        self.key = key
-        self.arithmetic = arithmetic
-        device = torch.device(arithmetic.device)
-        self.exact_undo = exact_undo
-        self.weight = weight
-        self.matrix = weight if weight.dim() == 2 else weight.reshape(weight.shape[0], -1)
-        self.codec = codec
-        self.device = device
-        self._sources = (old, new)
-        self.old_linear = not any(a.needs_base for a, _ in old)
-        self.new_linear = not any(a.needs_base for a, _ in new)
-        self.journal = journal
-        self.state = state
-        self.new_journal = Journal()
-        self.undo_journal = Journal()
-        self.written: list[tuple[int, int]] = []
-        zeros = torch.zeros(1, dtype=torch.int64, device=device)
-        self.base_print, self.before_print = zeros, zeros.clone()  # fingerprints of the written rows
-        self.workspace = workspace or rows.Workspace()
-        self.load_terms()
-
-    def load_terms(self) -> None:
-        """fp32 copies of this weight's adapters on the compute device (with known DoRA norms)."""
-        self.old, self.new = ([(a.on(self.device), c) for a, c in terms] for terms in self._sources)
-        for (dev_adapter, _), (original, _) in zip(self.old + self.new, [*self._sources[0], *self._sources[1]]):
-            if isinstance(dev_adapter, DoRA):
-                dev_adapter.use_norms(self.state.dora_norms.get((self.key, id(original))))
-
-    @property
-    def keeps_terms(self) -> bool:
-        """Whether the weight holds LoRA terms after this call (False: it is restored)."""
-        return bool(self._sources[1])
-
-    def release_terms(self) -> None:
-        """Drop the device copies once the weight is done; `rollback` loads them again."""
-        self.old = self.new = None
-
-    # --- deltas -------------------------------------------------------------------------------
-    def _delta(self, terms, r0: int, r1: int, base: torch.Tensor | None, slot: str | None = None) -> torch.Tensor:
-        out = self._scratch(slot, r1 - r0, torch.float32)
-        if out is None:
-            return rows.delta(terms, r0, r1, self.matrix.shape[1], self.device, base)
-        rows.add_terms(out.zero_(), terms, r0, r1, base)
-        return out
-
-    def _scratch(self, slot: str | None, n_rows: int, dtype: torch.dtype) -> torch.Tensor | None:
-        """A reused tile buffer for the default codec (others make their own tensors)."""
-        if slot is None or type(self.codec) is not Codec:
-            return None
-        return self.workspace.take(slot, (n_rows, self.matrix.shape[1]), dtype, self.device)
-
-    def _decode(self, stored: torch.Tensor, role: str, slot: str | None = None) -> torch.Tensor:
-        out = self._scratch(slot, stored.shape[0], torch.float32)
-        return self.codec.decode(stored, role) if out is None else out.copy_(stored)
-
-    def _encode(self, values: torch.Tensor, r0: int, role: str, slot: str | None = None) -> torch.Tensor:
-        out = self._scratch(slot, values.shape[0], self.codec.dtype)
-        return self.codec.encode(values, self.key, r0, role) if out is None else out.copy_(values)
-
-    def _before(self, stored: torch.Tensor, terms, linear: bool, r0: int, r1: int,
-                delta: torch.Tensor | None = None) -> torch.Tensor:
-        """Deterministic estimate of rows before `terms` were added (fp32, not yet rounded).
-
-        Linear kinds: stored − Δ. Base-dependent kinds (DoRA, set): two fixed-point steps. The
-        journal records where the rounded estimate misses, so the estimate need not be perfect.
-        """
-        if linear and delta is not None:
-            return stored.sub_(delta)  # `stored` is this tile's scratch copy
-        if linear:
-            return stored - self._delta(terms, r0, r1, None)
-        estimate = stored - self._delta(terms, r0, r1, stored)
-        return stored - self._delta(terms, r0, r1, estimate)
-
-    # --- tiles --------------------------------------------------------------------------------
-    def _read(self, r0: int, r1: int, role: str = "current", slot: str | None = None) -> torch.Tensor:
-        return self._decode(self.matrix[r0:r1].to(self.device), role, slot)
-
-    def _fix(self, stored: torch.Tensor, fix) -> torch.Tensor:
-        if fix is not None:
-            stored.view(-1)[fix[0].to(self.device, torch.int64)] = fix[1].to(self.device)
-        return stored
-
-    def base_rows(self, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The exact original rows (fp32, stored form), recovered from the current weights."""
-        current = self._read(r0, r1, slot="base")
-        if not self.old:
-            return current, self.matrix[r0:r1].to(self.device)
-        stored = self.codec.encode(self._before(current, self.old, self.old_linear, r0, r1), self.key, r0, "base")
-        cols = self.matrix.shape[1]
-        stored = self._fix(stored, self.journal.lookup(r0 * cols, r1 * cols) if self.journal else None)
-        return self.codec.decode(stored, "base"), stored
-
-    def merged_tiles(self, tile_rows: int) -> Iterator[tuple[int, torch.Tensor]]:
-        """(first row, fp32 rows as this call will write them, before rounding) per tile; writes nothing."""
-        for r0, r1 in rows.tiles(self.matrix.shape[0], tile_rows):
-            base, _ = self.base_rows(r0, r1)
-            yield r0, base + self._delta(self.new, r0, r1, base)
-
-    def prepare_norms(self, tile_rows: int) -> None:
-        """Per-column DoRA norms over this weight's original rows, kept in the state for undo."""
-        doras = rows.accumulate_dora_norms(self.new, self.matrix.shape[0], tile_rows,
-                                           lambda r0, r1: self.base_rows(r0, r1)[0])
-        for (dev_adapter, _), (original, _) in zip(self.new, self._sources[1]):
-            if dev_adapter in doras:
-                self.state.dora_norms[(self.key, id(original))] = dev_adapter.norms
-
-    def run_tile(self, r0: int, r1: int) -> None:
-        """Write rows [r0, r1) of the new stack; journal what undo and a rollback need, then write."""
-        current_stored = self.matrix[r0:r1].to(self.device, copy=True) if self.old else None
-        base, base_stored = self.base_rows(r0, r1)
-        base_print = fingerprint(base_stored, r0)
-        before_print = fingerprint(current_stored, r0) if self.old else base_print
-        delta = self._delta(self.new, r0, r1, base, slot="delta")
-        if self.new:  # base is not needed once the change is computed: merge into it
-            out_stored = self._encode(base.add_(delta) if base is not base_stored else base + delta, r0, "new", "out")
-        else:  # write the recovered original bits themselves (base + 0 would turn -0 into +0)
-            out_stored = base_stored.clone()
-        if self.new or self.old:  # recorded even without exact_undo: a failure must roll back exactly
-            out = self._decode(out_stored, "new", slot="base")
-            before = self._before(out, self.new, self.new_linear, r0, r1, delta if self.new_linear else None)
-            if self.new:
-                self._record(self.new_journal, before, base_stored, r0, "base")
-            if self.old:
-                undone = before + self._delta(self.old, r0, r1, before)
-                self._record(self.undo_journal, undone, current_stored, r0, "current")
-        self.matrix[r0:r1].copy_(out_stored)
-        self.written.append((r0, r1))
-        self.base_print += base_print  # only for rows written: a rollback checks exactly those
-        self.before_print += before_print
-
-    def _record(self, journal: Journal, estimate: torch.Tensor, truth: torch.Tensor, r0: int, role: str) -> None:
-        recovered = self._encode(estimate, r0, role, slot="recovered")
-        journal.add(r0 * self.matrix.shape[1], differing_bits(recovered, truth), truth.reshape(-1))
-
-    def undo_tile(self, r0: int, r1: int) -> None:
-        """Put back the bits this call replaced in rows [r0, r1)."""
-        out = self._read(r0, r1, "new")
-        estimate = self._before(out, self.new, self.new_linear, r0, r1)
-        cols = self.matrix.shape[1]
-        if self.old:
-            estimate = estimate + self._delta(self.old, r0, r1, estimate)
-        fix = (self.undo_journal if self.old else self.new_journal).lookup(r0 * cols, r1 * cols)
-        role = "current" if self.old else "base"
-        self.matrix[r0:r1].copy_(self._fix(self.codec.encode(estimate, self.key, r0, role), fix))
-
-    def check_base(self, expected: torch.Tensor | None) -> None:
-        """After the last tile: the original bits this call recovered must match the merge's fingerprint."""
-        if expected is not None and self.old and not torch.equal(self.base_print.cpu(), expected):
-            raise UndoError(
-                f"{self.key!r}: taking the merged LoRAs out would not give back the original weight (its "
-                "fingerprint differs): the change was computed differently than at merge time, or the weight was "
-                "changed outside this pack. The weights were left as they were; reload the model from its file.",
-                [self.key], unchanged=True,
-            )
-
-    def rollback(self) -> None:
-        """Put back the bits this call replaced; each step is retried in smaller pieces when memory is short,
-        and the result is checked against the fingerprint of the bits found (UndoError if it differs)."""
-        if self.old is None:
-            _retry_out_of_memory(self.load_terms, self.device)
-        extent = self.written[-1][1] if self.written else 0
-        while self.written:
-            self._undo_range(*self.written[-1])
-            self.written.pop()
-        self.codec.rollback()
-        if not torch.equal(self._print_of_rows(extent), self.before_print.cpu()):
-            raise UndoError(f"{self.key!r}: rolling back did not give back its previous bits", [self.key], False)
-
-    def _undo_range(self, r0: int, r1: int) -> None:
-        try:
-            self.undo_tile(r0, r1)
-            return
-        except BaseException as error:
-            if not is_out_of_memory(error) or r1 - r0 == 1:
-                raise
-        _free_cache(self.device)
-        mid = (r0 + r1) // 2
-        self._undo_range(mid, r1)
-        self._undo_range(r0, mid)
-
-    def _print_of_rows(self, stop: int) -> torch.Tensor:
-        """Fingerprint of rows [0, stop) as stored now, 256 rows at a time on the CPU (cannot run out of VRAM)."""
-        total = torch.zeros(1, dtype=torch.int64)
-        for r0, r1 in rows.tiles(stop, ROW_BLOCK):
-            total += fingerprint(self.matrix[r0:r1].cpu(), r0)
-        return total
-
-    def finished_journal(self) -> Journal | None:
-        return self.new_journal if self.exact_undo else None
-
-
-def _free_cache(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _retry_out_of_memory(step: Callable[[], None], device: torch.device) -> None:
-    """Run `step`; after an out-of-memory error free the allocator's cache and run it once more."""
-    try:
-        step()
-    except BaseException as error:
-        if not is_out_of_memory(error):
-            raise
-        _free_cache(device)
-        step()
 
 
 def merge_loras(
@@ -410,10 +199,11 @@ def _arithmetic_for(key: str, weight: torch.Tensor, state: MergeState, has_old: 
     return requested
 
 
-def _run_job(job: _KeyJob, budget: int, options: MergeOptions, report: MergeReport, expected) -> None:
+def _run_job(job: KeyJob, budget: int, options: MergeOptions, report: MergeReport, expected) -> None:
     cols = job.matrix.shape[1]
     blocks = len(job.old) + len(job.new)
     rows_per_tile = tile_rows_for(cols, budget, blocks)
+    job.piece_rows = min(ROW_BLOCK, rows_per_tile)  # what the rollback reserve was sized for
     job.prepare_norms(rows_per_tile)
     merged = (lambda: job.merged_tiles(rows_per_tile)) if job.new else None
     job.codec.begin(merged, bool(job.old), job.state.codec_state)
@@ -430,8 +220,10 @@ def _run_job(job: _KeyJob, budget: int, options: MergeOptions, report: MergeRepo
     job.release_terms()
 
 
-def _roll_back(jobs: list[_KeyJob], error: BaseException) -> None:
-    """Undo every job (latest first); UndoError names those whose bits could not be put back."""
+def _roll_back(jobs: list[KeyJob], error: BaseException, reserve: RollbackReserve) -> None:
+    """Undo every job (latest first) in the memory the reserve gives back; UndoError names those whose bits could
+    not be put back."""
+    reserve.release()
     failed = []
     for job in reversed(jobs):
         try:
@@ -448,6 +240,18 @@ def _roll_back(jobs: list[_KeyJob], error: BaseException) -> None:
         ) from error
 
 
+def _reserve_needs(steps, budget: int, options: MergeOptions) -> dict[torch.device, int]:
+    """Per compute device, the most any one weight's rollback may need (see RollbackReserve)."""
+    buffers = FP8_BUFFERS if options.codec_for else MERGE_BUFFERS
+    needs: dict[torch.device, int] = {}
+    for _key, weight, old, new, arithmetic in steps:
+        device = torch.device(arithmetic.device)
+        cols = weight.numel() // max(weight.shape[0], 1)
+        tile_rows = tile_rows_for(cols, budget, len(old) + len(new))
+        needs[device] = max(needs.get(device, 0), rollback_bytes(cols, tile_rows, [*old, *new], buffers))
+    return needs
+
+
 def _merge_once(
     target, loras, state: MergeState, budget: int, options: MergeOptions, report: MergeReport
 ) -> MergeState:
@@ -460,30 +264,32 @@ def _merge_once(
     total = sum(weights[k].numel() for k in keys)
     new_state = MergeState(list(loras), dict(state.journals), dict(state.dora_norms), dict(state.codec_state),
                            dict(state.fingerprints), dict(state.arithmetic))
-    jobs: list[_KeyJob] = []
+    steps = [(key, weights[key], old_terms.get(key, []), new_terms.get(key, [])) for key in keys]
+    steps = [(key, w, old, new, _arithmetic_for(key, w, state, bool(old), options)) for key, w, old, new in steps]
+    reserve = RollbackReserve()
+    reserve.hold(_reserve_needs(steps, budget, options))
+    report.reserve_bytes = max(report.reserve_bytes, reserve.nbytes)
+    jobs: list[KeyJob] = []
     workspace = rows.Workspace()  # one set of tile buffers for every weight of this call
     done = 0
     try:
-        for key in keys:
-            weight = weights[key]
-            old, new = old_terms.get(key, []), new_terms.get(key, [])
-            arithmetic = _arithmetic_for(key, weight, state, bool(old), options)
+        for key, weight, old, new, arithmetic in steps:
             codec = options.codec_for(key, weight) if options.codec_for else Codec(weight.dtype)
             with threads_of(arithmetic):
-                jobs.append(_KeyJob(key, weight, old, new, state.journals.get(key), codec, arithmetic, new_state,
-                                    options.exact_undo, workspace))
+                jobs.append(KeyJob(key, weight, old, new, state.journals.get(key), codec, arithmetic, new_state,
+                                   options.exact_undo, workspace))
                 _run_job(jobs[-1], budget, options, report, state.fingerprints.get(key))
             done += weight.numel()
             if options.progress is not None:
                 options.progress(done, total)
     except BaseException as error:
-        _roll_back(jobs, error)
+        _roll_back(jobs, error, reserve)
         raise
     _finish(new_state, jobs, new_terms, report)
     return new_state
 
 
-def _finish(new_state: MergeState, jobs: list[_KeyJob], new_terms, report: MergeReport) -> None:
+def _finish(new_state: MergeState, jobs: list[KeyJob], new_terms, report: MergeReport) -> None:
     """Record, per weight, what the next call needs to undo this one."""
     for job in jobs:
         if job.keeps_terms:

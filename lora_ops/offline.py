@@ -18,10 +18,10 @@ from typing import Protocol
 import torch
 
 from .adapters import DoRA
-from .errors import LoRAOpsError
+from .errors import LoRAOpsError, is_out_of_memory
 from .flux import strip_model_prefix
 from .formats import LoRAFile, check_fits
-from .merge import MergeOptions, is_out_of_memory, merge_loras, terms_by_target
+from .merge import MergeOptions, merge_loras, terms_by_target
 from .model_files import open_flux_checkpoint, refuse_overwriting_inputs
 from .rows import DEFAULT_TILE_BYTES, Term, add_terms, tile_rows_for, tiles
 from .safetensors_io import SafetensorsFile, StreamingWriter

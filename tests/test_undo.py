@@ -14,14 +14,15 @@ import pytest
 import torch
 from lora_factory import TINY, base_state_dict, write_lora
 from tensor_checks import differing, snapshot
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
-import lora_ops.merge as engine
 from lora_ops import LoRAOpsError, MergeOptions, MergeReport, load_lora, merge_loras, restore
 from lora_ops.adapters import LoRA
 from lora_ops.errors import LoRAFormatWarning, UndoError
-from lora_ops.journal import fingerprint
-from lora_ops.merge import Arithmetic
+from lora_ops.journal import Arithmetic, fingerprint
 from lora_ops.synthetic import write_kohya_lora
+from lora_ops.transition import KeyJob, RollbackReserve
 
 TILE = 8 * 1024  # several tiles per weight
 
@@ -66,7 +67,7 @@ class RollbackFaults:
             raise torch.OutOfMemoryError("CUDA out of memory (injected inside the rollback)")
 
     def install(self, monkeypatch) -> None:
-        undo_tile, load_terms, rollback = engine._KeyJob.undo_tile, engine._KeyJob.load_terms, engine._KeyJob.rollback
+        undo_tile, load_terms, rollback = KeyJob.undo_tile, KeyJob.load_terms, KeyJob.rollback
 
         def faulty_undo(job, r0, r1):
             self.step()
@@ -83,9 +84,9 @@ class RollbackFaults:
             finally:
                 self.active = False
 
-        monkeypatch.setattr(engine._KeyJob, "undo_tile", faulty_undo)
-        monkeypatch.setattr(engine._KeyJob, "load_terms", faulty_load)
-        monkeypatch.setattr(engine._KeyJob, "rollback", tracked)
+        monkeypatch.setattr(KeyJob, "undo_tile", faulty_undo)
+        monkeypatch.setattr(KeyJob, "load_terms", faulty_load)
+        monkeypatch.setattr(KeyJob, "rollback", tracked)
 
 
 def fail_once_in_fourth_weight():
@@ -154,6 +155,75 @@ def test_a_rollback_that_cannot_run_is_never_retried_over(stack, monkeypatch):
     assert report.retries == 0
     assert not caught.value.unchanged and len(caught.value.keys) >= 4
     assert "out of memory" in str(caught.value) and "Reload the model" in str(caught.value)
+
+
+class MemoryCap(TorchDispatchMode):
+    """A device with only `cap` bytes free: counts the bytes of every tensor an op creates (not a view or an in-place
+    result of its inputs) and raises out of memory past the cap. Adapters re-uploaded for a weight stay counted for
+    that weight's rollback; everything else is counted per undo piece (its temporaries are freed in between)."""
+
+    def __init__(self, cap: int) -> None:
+        super().__init__()
+        self.cap, self.kept, self.piece, self.peak, self.refused = cap, 0, 0, 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        self.piece += sum(t.untyped_storage().nbytes() for t in tree_leaves(out)
+                          if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs)
+        self.peak = max(self.peak, self.kept + self.piece)
+        if self.kept + self.piece > self.cap:
+            self.refused += 1
+            raise torch.OutOfMemoryError(f"CUDA out of memory (cap of {self.cap} bytes)")
+        return out
+
+    def install(self, monkeypatch) -> None:
+        undo_tile, load_terms, rollback = KeyJob.undo_tile, KeyJob.load_terms, KeyJob.rollback
+
+        def capped_rollback(job):
+            self.kept = self.piece = 0
+            with self:
+                rollback(job)
+
+        def counted_load(job):
+            load_terms(job)
+            self.kept, self.piece = self.kept + self.piece, 0
+
+        def piece(job, r0, r1):
+            self.piece = 0
+            undo_tile(job, r0, r1)
+
+        monkeypatch.setattr(KeyJob, "rollback", capped_rollback)
+        monkeypatch.setattr(KeyJob, "load_terms", counted_load)
+        monkeypatch.setattr(KeyJob, "undo_tile", piece)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("phase", ["merge", "change", "restore"])
+def test_the_reserve_is_all_a_rollback_needs(loras, phase, dtype, monkeypatch):
+    """Out of memory in the 4th weight, then only the call's rollback reserve is free: every weight (LoRA, LoHa, DoRA,
+    full) rolls back inside it, without a single allocation refused, to exactly the bits found."""
+    stack = [(loras["kohya"], 0.8), (loras["loha"], -0.6), (loras["dora"], 0.7), (loras["bfl_control"], 1.0)]
+    start = base_of(dtype)
+    state = merge_loras(start, stack, tile_bytes=TILE) if phase != "merge" else None
+    target = {"merge": stack, "change": [(loras["dora"], -0.4), (loras["kohya"], 0.3)], "restore": []}[phase]
+    found = snapshot(start)
+    report = MergeReport()
+    cap = MemoryCap(cap=0)
+    cap.install(monkeypatch)
+    hold = RollbackReserve.hold
+
+    def cap_at_reserve(reserve, needs):
+        hold(reserve, needs)
+        cap.cap = reserve.nbytes
+
+    monkeypatch.setattr(RollbackReserve, "hold", cap_at_reserve)
+    with pytest.raises(torch.OutOfMemoryError, match="injected in the merge"):
+        merge_loras(start, target, state=state, report=report,
+                    options=MergeOptions(tile_bytes=TILE, min_tile_bytes=TILE, on_tile=fail_once_in_fourth_weight()))
+    assert report.reserve_bytes == cap.cap > 0
+    assert cap.refused == 0 and cap.peak > 0, f"the rollback needed {cap.peak} bytes, the reserve held {cap.cap}"
+    assert not differing(start, found)
 
 
 # ------------------------------------------------------------------------------------------------ 2: other arithmetic

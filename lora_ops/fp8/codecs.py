@@ -9,7 +9,8 @@ import torch
 
 from ..flux import strip_model_prefix
 from ..formats import LoRAFile
-from ..merge import Codec, MergeOptions, MergeReport, MergeState, merge_loras
+from ..merge import MergeOptions, MergeReport, MergeState, merge_loras
+from ..rows import Codec
 from .checkpoint import NEW_SCALE_SUFFIX, SCALE_SUFFIX
 from .merged_rows import _check_finite_tile
 from .quantize import E4M3, E5M2, FP8FormatError, check_rounding, check_scale, fresh_scale, is_fp8, key_seed, round_fp8

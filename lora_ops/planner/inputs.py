@@ -23,7 +23,7 @@ from ..flux import (
     strip_model_prefix,
 )
 from ..formats import UNMERGED_BYTES_PER_PARAM
-from ..merge import DEFAULT_TILE_BYTES
+from ..rows import DEFAULT_TILE_BYTES
 
 #: Named models (lora_ops.flux.VARIANTS), and the names this planner used before the Flux.2 family.
 PRESETS: dict[str, FluxShape] = {**VARIANTS, "flux-dev": FLUX_DEV, "flux-schnell": FLUX_SCHNELL}

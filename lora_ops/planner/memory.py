@@ -8,9 +8,10 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from .. import fp8
+from ..adapters import ROW_BLOCK
 from ..errors import LoRAOpsError
 from ..flux import FluxShape
-from ..merge import tile_rows_for, working_bytes
+from ..rows import tile_rows_for, working_bytes
 from ..units import GIB
 from .companions import CLIP_L_WIDTH, clip_l_text_params, text_encoder_for, vae_params
 from .inputs import WEIGHT_POLICIES, LoRAInfo, ModelInfo, PlanRequest
@@ -77,7 +78,7 @@ def merge_temporaries(
     shape_of: Mapping[str, tuple[tuple[int, ...], torch.dtype]], lora: LoRAInfo, tile_bytes: int
 ) -> dict[str, object]:
     """Peak merge transients on the compute device: this package's tiles vs a full-layer fp32 merge."""
-    tile = full = full_comfy = factors_max = 0
+    tile = full = full_comfy = factors_max = reserve = 0
     tile_key = full_key = ""
     for target, factor_elems in lora.targets.items():
         if target not in shape_of:
@@ -91,17 +92,20 @@ def merge_temporaries(
         this_tile = working_bytes(tile_rows, cols, 1)  # what MergeReport.peak_tile_bytes reports
         if this_tile > tile:
             tile, tile_key = this_tile, target
+        reserve = max(reserve, factors + working_bytes(min(ROW_BLOCK, tile_rows), cols, 1))  # rollback reserve
         dense = 2 * rows * cols * 4 + factors  # fp32 copy of W + dense fp32 delta
         if dense > full:
             full, full_key = dense, target
             full_comfy = 3 * rows * cols * 4 + factors  # ComfyUI also makes (strength*alpha)*diff in fp32
-    # The engine copies one weight's adapters to the compute device at a time (merge.py _KeyJob).
-    ours = tile + factors_max
+    # The engine copies one weight's adapters to the compute device at a time (transition.py KeyJob), and holds
+    # a rollback reserve for the whole call (transition.py RollbackReserve).
+    ours = tile + factors_max + reserve
     return {
         "ours_bytes": ours,
         "tile_bytes": tile,
         "tile_key": tile_key,
         "factors_bytes": factors_max,
+        "reserve_bytes": reserve,
         "full_layer_bytes": full,
         "full_layer_key": full_key,
         "full_layer_comfy_bytes": full_comfy,

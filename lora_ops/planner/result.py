@@ -151,7 +151,8 @@ class Plan:
         m = self.merge
         lines = [
             f"merge temporaries: lora_ops {int(m['ours_bytes']) / MIB:.0f} MiB (tile "
-            f"{int(m['tile_bytes']) / MIB:.0f} MiB + fp32 LoRA factors {int(m['factors_bytes']) / MIB:.0f} MiB) "
+            f"{int(m['tile_bytes']) / MIB:.0f} MiB + fp32 LoRA factors {int(m['factors_bytes']) / MIB:.0f} MiB "
+            f"+ rollback reserve {int(m['reserve_bytes']) / MIB:.0f} MiB) "
             f"vs full-layer fp32 at least {int(m['full_layer_bytes']) / MIB:.0f} MiB (fp32 copy + dense fp32 delta "
             f"of {m['full_layer_key']} {'x'.join(map(str, self.merge_shape))}; "
             f"{int(m['full_layer_comfy_bytes']) / MIB:.0f} MiB as ComfyUI computes it)"

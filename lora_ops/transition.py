@@ -1,0 +1,274 @@
+"""One weight's move from one LoRA stack to another, tile by tile, with what undoing it needs: the journal, the
+fingerprints, and a memory reserve that keeps the rollback from running out of memory.
+
+See merge.py for the engine that runs these jobs and for why undo is exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from . import rows
+from .adapters import ROW_BLOCK, DoRA
+from .errors import UndoError, is_out_of_memory
+from .journal import Arithmetic, Journal, differing_bits, fingerprint
+from .rows import MERGE_BUFFERS, Codec, Term, working_bytes
+
+if TYPE_CHECKING:
+    from .merge import MergeState
+
+
+class RollbackReserve:
+    """Memory set aside, per compute device, for the whole of a merge call and given back when a rollback starts.
+
+    A rollback undoes one piece of at most ROW_BLOCK rows at a time in the call's reused tile buffers, so beyond
+    them it needs one weight's adapters (fp32, on the compute device) and one piece's temporaries:
+    `rollback_bytes`. Holding that much from the start means a failure (an out-of-memory error above all) can
+    always be undone: the rollback allocates into what the reserve frees. On a GPU the freed blocks stay in
+    torch's caching allocator, so no other process can take them in between.
+    """
+
+    def __init__(self) -> None:
+        self._held: dict[torch.device, torch.Tensor] = {}
+
+    def hold(self, needs: dict[torch.device, int]) -> None:
+        """Allocate the given bytes per device (an out-of-memory error here comes before anything is written)."""
+        for device, nbytes in needs.items():
+            self._held[device] = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() for t in self._held.values())
+
+    def release(self) -> None:
+        self._held.clear()
+
+
+def rollback_bytes(cols: int, tile_rows: int, terms: Sequence[Term], buffers: int = MERGE_BUFFERS) -> int:
+    """What rolling back one weight may allocate beyond the call's tile buffers: its adapters in fp32 and the
+    working memory of one rollback piece (at most the merge's own need for as many rows)."""
+    adapters = sum(t.numel() for a, _ in terms for t in a.factors().values()) * 4
+    return adapters + working_bytes(min(ROW_BLOCK, tile_rows), cols, len(terms), buffers)
+
+
+class KeyJob:
+    """One weight's transition from `old` terms to `new` terms, tile by tile."""
+
+    def __init__(self, key: str, weight: torch.Tensor, old: list[Term], new: list[Term], journal: Journal | None,
+                 codec: Codec, arithmetic: Arithmetic, state: MergeState, exact_undo: bool = True,
+                 workspace: rows.Workspace | None = None) -> None:
+        self.key = key
+        self.arithmetic = arithmetic
+        device = torch.device(arithmetic.device)
+        self.exact_undo = exact_undo
+        self.weight = weight
+        self.matrix = weight if weight.dim() == 2 else weight.reshape(weight.shape[0], -1)
+        self.codec = codec
+        self.device = device
+        self._sources = (old, new)
+        self.old_linear = not any(a.needs_base for a, _ in old)
+        self.new_linear = not any(a.needs_base for a, _ in new)
+        self.journal = journal
+        self.state = state
+        self.new_journal = Journal()
+        self.undo_journal = Journal()
+        self.written: list[tuple[int, int]] = []
+        self.piece_rows = ROW_BLOCK  # rows per rollback piece; the engine sets it from the tile size
+        zeros = torch.zeros(1, dtype=torch.int64, device=device)
+        self.base_print, self.before_print = zeros, zeros.clone()  # fingerprints of the written rows
+        self.workspace = workspace or rows.Workspace()
+        self.load_terms()
+
+    def load_terms(self) -> None:
+        """fp32 copies of this weight's adapters on the compute device (with known DoRA norms)."""
+        self.old, self.new = ([(a.on(self.device), c) for a, c in terms] for terms in self._sources)
+        for (dev_adapter, _), (original, _) in zip(self.old + self.new, [*self._sources[0], *self._sources[1]]):
+            if isinstance(dev_adapter, DoRA):
+                dev_adapter.use_norms(self.state.dora_norms.get((self.key, id(original))))
+
+    @property
+    def keeps_terms(self) -> bool:
+        """Whether the weight holds LoRA terms after this call (False: it is restored)."""
+        return bool(self._sources[1])
+
+    def release_terms(self) -> None:
+        """Drop the device copies once the weight is done; `rollback` loads them again."""
+        self.old = self.new = None
+
+    # --- deltas -------------------------------------------------------------------------------
+    def _delta(self, terms, r0: int, r1: int, base: torch.Tensor | None, slot: str | None = None) -> torch.Tensor:
+        out = self._scratch(slot, r1 - r0, torch.float32)
+        if out is None:
+            return rows.delta(terms, r0, r1, self.matrix.shape[1], self.device, base)
+        rows.add_terms(out.zero_(), terms, r0, r1, base)
+        return out
+
+    def _scratch(self, slot: str | None, n_rows: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """A reused tile buffer for the default codec (others make their own tensors)."""
+        if slot is None or type(self.codec) is not Codec:
+            return None
+        return self.workspace.take(slot, (n_rows, self.matrix.shape[1]), dtype, self.device)
+
+    def _decode(self, stored: torch.Tensor, role: str, slot: str | None = None) -> torch.Tensor:
+        out = self._scratch(slot, stored.shape[0], torch.float32)
+        return self.codec.decode(stored, role) if out is None else out.copy_(stored)
+
+    def _encode(self, values: torch.Tensor, r0: int, role: str, slot: str | None = None) -> torch.Tensor:
+        out = self._scratch(slot, values.shape[0], self.codec.dtype)
+        return self.codec.encode(values, self.key, r0, role) if out is None else out.copy_(values)
+
+    def _before(self, stored: torch.Tensor, terms, linear: bool, r0: int, r1: int,
+                delta: torch.Tensor | None = None) -> torch.Tensor:
+        """Deterministic estimate of rows before `terms` were added (fp32, not yet rounded).
+
+        Linear kinds: stored − Δ. Base-dependent kinds (DoRA, set): two fixed-point steps. The
+        journal records where the rounded estimate misses, so the estimate need not be perfect.
+        """
+        if linear and delta is not None:
+            return stored.sub_(delta)  # `stored` is this tile's scratch copy
+        if linear:
+            return stored - self._delta(terms, r0, r1, None)
+        estimate = stored - self._delta(terms, r0, r1, stored)
+        return stored - self._delta(terms, r0, r1, estimate)
+
+    # --- tiles --------------------------------------------------------------------------------
+    def _read(self, r0: int, r1: int, role: str = "current", slot: str | None = None) -> torch.Tensor:
+        return self._decode(self.matrix[r0:r1].to(self.device), role, slot)
+
+    def _fix(self, stored: torch.Tensor, fix) -> torch.Tensor:
+        if fix is not None:
+            stored.view(-1)[fix[0].to(self.device, torch.int64)] = fix[1].to(self.device)
+        return stored
+
+    def base_rows(self, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The exact original rows (fp32, stored form), recovered from the current weights."""
+        current = self._read(r0, r1, slot="base")
+        if not self.old:
+            return current, self.matrix[r0:r1].to(self.device)
+        stored = self.codec.encode(self._before(current, self.old, self.old_linear, r0, r1), self.key, r0, "base")
+        cols = self.matrix.shape[1]
+        stored = self._fix(stored, self.journal.lookup(r0 * cols, r1 * cols) if self.journal else None)
+        return self.codec.decode(stored, "base"), stored
+
+    def merged_tiles(self, tile_rows: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row, fp32 rows as this call will write them, before rounding) per tile; writes nothing."""
+        for r0, r1 in rows.tiles(self.matrix.shape[0], tile_rows):
+            base, _ = self.base_rows(r0, r1)
+            yield r0, base + self._delta(self.new, r0, r1, base)
+
+    def prepare_norms(self, tile_rows: int) -> None:
+        """Per-column DoRA norms over this weight's original rows, kept in the state for undo."""
+        doras = rows.accumulate_dora_norms(self.new, self.matrix.shape[0], tile_rows,
+                                           lambda r0, r1: self.base_rows(r0, r1)[0])
+        for (dev_adapter, _), (original, _) in zip(self.new, self._sources[1]):
+            if dev_adapter in doras:
+                self.state.dora_norms[(self.key, id(original))] = dev_adapter.norms
+
+    def run_tile(self, r0: int, r1: int) -> None:
+        """Write rows [r0, r1) of the new stack; journal what undo and a rollback need, then write."""
+        current_stored = self.matrix[r0:r1].to(self.device, copy=True) if self.old else None
+        base, base_stored = self.base_rows(r0, r1)
+        base_print = fingerprint(base_stored, r0)
+        before_print = fingerprint(current_stored, r0) if self.old else base_print
+        delta = self._delta(self.new, r0, r1, base, slot="delta")
+        if self.new:  # base is not needed once the change is computed: merge into it
+            out_stored = self._encode(base.add_(delta) if base is not base_stored else base + delta, r0, "new", "out")
+        else:  # write the recovered original bits themselves (base + 0 would turn -0 into +0)
+            out_stored = base_stored.clone()
+        if self.new or self.old:  # recorded even without exact_undo: a failure must roll back exactly
+            out = self._decode(out_stored, "new", slot="base")
+            before = self._before(out, self.new, self.new_linear, r0, r1, delta if self.new_linear else None)
+            if self.new:
+                self._record(self.new_journal, before, base_stored, r0, "base")
+            if self.old:
+                undone = before + self._delta(self.old, r0, r1, before)
+                self._record(self.undo_journal, undone, current_stored, r0, "current")
+        self.matrix[r0:r1].copy_(out_stored)
+        self.written.append((r0, r1))
+        self.base_print += base_print  # only for rows written: a rollback checks exactly those
+        self.before_print += before_print
+
+    def _record(self, journal: Journal, estimate: torch.Tensor, truth: torch.Tensor, r0: int, role: str) -> None:
+        recovered = self._encode(estimate, r0, role, slot="recovered")
+        journal.add(r0 * self.matrix.shape[1], differing_bits(recovered, truth), truth.reshape(-1))
+
+    def undo_tile(self, r0: int, r1: int) -> None:
+        """Put back the bits this call replaced in rows [r0, r1), in the call's tile buffers where it can."""
+        out = self._read(r0, r1, "new", slot="base")
+        if self.new_linear:
+            estimate = out.sub_(self._delta(self.new, r0, r1, None, slot="delta"))
+        else:
+            estimate = self._before(out, self.new, False, r0, r1)
+        if self.old:
+            estimate = estimate.add_(self._delta(self.old, r0, r1, estimate, slot="delta"))
+        cols = self.matrix.shape[1]
+        fix = (self.undo_journal if self.old else self.new_journal).lookup(r0 * cols, r1 * cols)
+        role = "current" if self.old else "base"
+        self.matrix[r0:r1].copy_(self._fix(self._encode(estimate, r0, role, slot="out"), fix))
+
+    def check_base(self, expected: torch.Tensor | None) -> None:
+        """After the last tile: the original bits this call recovered must match the merge's fingerprint."""
+        if expected is not None and self.old and not torch.equal(self.base_print.cpu(), expected):
+            raise UndoError(
+                f"{self.key!r}: taking the merged LoRAs out would not give back the original weight (its "
+                "fingerprint differs): the change was computed differently than at merge time, or the weight was "
+                "changed outside this pack. The weights were left as they were; reload the model from its file.",
+                [self.key], unchanged=True,
+            )
+
+    def rollback(self) -> None:
+        """Put back the bits this call replaced, in pieces of at most `piece_rows` rows (what the reserve covers);
+        a piece that still runs out of memory is retried in halves. The result is checked against the
+        fingerprint of the bits found (UndoError if it differs)."""
+        if self.old is None:
+            retry_out_of_memory(self.load_terms, self.device)
+        extent = self.written[-1][1] if self.written else 0
+        while self.written:
+            r0, r1 = self.written[-1]
+            for p0 in reversed(range(r0, r1, self.piece_rows)):
+                self._undo_range(p0, min(r1, p0 + self.piece_rows))
+            self.written.pop()
+        self.codec.rollback()
+        if not torch.equal(self._print_of_rows(extent), self.before_print.cpu()):
+            raise UndoError(f"{self.key!r}: rolling back did not give back its previous bits", [self.key], False)
+
+    def _undo_range(self, r0: int, r1: int) -> None:
+        try:
+            self.undo_tile(r0, r1)
+            return
+        except BaseException as error:
+            if not is_out_of_memory(error) or r1 - r0 == 1:
+                raise
+        free_cache(self.device)
+        mid = (r0 + r1) // 2
+        self._undo_range(mid, r1)
+        self._undo_range(r0, mid)
+
+    def _print_of_rows(self, stop: int) -> torch.Tensor:
+        """Fingerprint of rows [0, stop) as stored now, 256 rows at a time on the CPU (cannot run out of VRAM)."""
+        total = torch.zeros(1, dtype=torch.int64)
+        for r0, r1 in rows.tiles(stop, ROW_BLOCK):
+            total += fingerprint(self.matrix[r0:r1].cpu(), r0)
+        return total
+
+    def finished_journal(self) -> Journal | None:
+        return self.new_journal if self.exact_undo else None
+
+
+def free_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def retry_out_of_memory(step: Callable[[], None], device: torch.device) -> None:
+    """Run `step`; after an out-of-memory error free the allocator's cache and run it once more."""
+    try:
+        step()
+    except BaseException as error:
+        if not is_out_of_memory(error):
+            raise
+        free_cache(device)
+        step()
