@@ -27,7 +27,9 @@ comfy/model_patcher.py and comfy/model_management.py):
   holds base + our stack (ComfyUI restores with `set_attr_param`, i.e. a *new* Parameter around the
   original storage, so the merged Parameter objects themselves cannot be tracked). ComfyUI unpatches
   whenever a clone with another `patches_uuid` loads (`partially_load`), on `/free` and on unload, so
-  any branch that loads after ours sees the untouched base weights.
+  any branch that loads after ours sees the untouched base weights. When an undo cannot be exact (UndoError), the
+  merged weights are reloaded from the model file instead, fingerprint-checked (model_file.py); with no matching
+  file the error is raised and the record stays.
 
 * ComfyUI runs nodes under `torch.inference_mode()`, so the weights are inference tensors; every engine
   call runs in inference mode, because ComfyUI's unload (`/free`) runs outside it.
@@ -66,6 +68,7 @@ from ..lora_ops import MIB, LoRAFile, MergeOptions, MergeState, UndoError
 from . import quantized
 from .dynamic import is_dynamic, load_dynamic, saved_weight
 from .fp8_slots import fill_slots, make_step, release_slots, slot_numel
+from .model_file import reload_merged, source_of
 from .model_view import BackupEntry, compute_device, diffusion_params, is_clean, live_weights, original_size
 from .plan import ATTACHMENT, RECORD_ATTR, MergePlan, Record, record_of
 
@@ -135,11 +138,28 @@ def undo(model) -> None:
     if rec is None:
         return
     try:
-        _restore(live_weights(model), rec.state, options=_options(rec.compute_device, rec.tile_bytes, False))
+        _take_out(model, rec)
     except UndoError as error:
         # The undo would not give back the original bits (or could not be rolled back): never serve them as the
-        # base model. The record stays, so the module keeps saying what it holds; the user must reload the model.
-        log.error("Flux LoRA Ops: %s weights cannot be restored exactly (%s); reload the model", rec.names, error)
+        # base model. They are reloaded from the model file (checked); when no file fits, the record stays, so the
+        # module keeps saying what it holds, and the user must reload the model.
+        if not reload_merged(model, live_weights(model), rec.state, rec.source, error):
+            raise
+    _forget(model, rec)
+    log.info("Flux LoRA Ops: restored the base weights (took out %s)", rec.names)
+
+
+def _forget(model, rec: Record) -> None:
+    """The module holds the base weights again: empty the fp8 slots, drop the record."""
+    if rec.fp8 is not None:
+        release_slots(rec.fp8)
+    model.__dict__.pop(RECORD_ATTR, None)
+
+
+def _take_out(model, rec: Record) -> None:
+    try:
+        _restore(live_weights(model), rec.state, options=_options(rec.compute_device, rec.tile_bytes, False))
+    except UndoError:
         raise
     except Exception:
         # The engine rolled back exactly (checked), so the weights still hold the stack. ComfyUI forgets its
@@ -148,10 +168,6 @@ def undo(model) -> None:
         # original bits' fingerprint: exact, or UndoError.
         log.exception("Flux LoRA Ops: taking %s out failed; retrying with small tiles", rec.names)
         _restore(live_weights(model), rec.state, options=_options(torch.device("cpu"), 4 << 20, False))
-    if rec.fp8 is not None:
-        release_slots(rec.fp8)
-    model.__dict__.pop(RECORD_ATTR, None)
-    log.info("Flux LoRA Ops: restored the base weights (took out %s)", rec.names)
 
 
 def _register_undo(patcher) -> None:
@@ -256,7 +272,12 @@ def _roll_back(patcher, plan: MergePlan, pre_targets: dict, pre_state: MergeStat
     """A failed or interrupted load: take our pre-merge out, free the fp8 slots, leave ComfyUI as it was."""
     if pre_state is not None:
         # The same Parameter objects (in the module or in ComfyUI's backup), wherever their data is now.
-        _restore({k: p.data for k, p in pre_targets.items()}, pre_state, options=options)
+        weights = {k: p.data for k, p in pre_targets.items()}
+        try:
+            _restore(weights, pre_state, options=options)
+        except UndoError as error:
+            if not reload_merged(patcher.model, weights, pre_state, source_of(patcher), error):
+                raise
     if plan.fp8 is not None:
         release_slots(plan.fp8)
     if not isinstance(exc, Exception):
@@ -276,6 +297,7 @@ def _record(patcher, plan: MergePlan, state: MergeState, device, tile_bytes: int
         tile_bytes=tile_bytes,
         names=plan.describe(),
         fp8=plan.fp8,
+        source=source_of(patcher),
     )
     _register_undo(patcher)
 
@@ -296,9 +318,17 @@ def _switch_in_place(patcher, plan: MergePlan) -> bool:
     pairs = plan.pairs()
     params = diffusion_params(model)
     progress = _Progress(_numel(params, _touched(pairs) | _touched(rec.state.stack)))
-    new_state = _merge(
-        live_weights(model), pairs, state=rec.state, options=_options(device, tile_bytes, True, progress.part())
-    )
+    try:
+        new_state = _merge(
+            live_weights(model), pairs, state=rec.state, options=_options(device, tile_bytes, True, progress.part())
+        )
+    except UndoError as error:
+        # The old stack cannot be taken out exactly: reload its weights from the model file; ComfyUI then unpatches
+        # (nothing left to undo) and load() merges the new stack into the reloaded base.
+        if not reload_merged(model, live_weights(model), rec.state, rec.source, error):
+            raise
+        _forget(model, rec)
+        return False
     rec.state = new_state
     rec.token = plan.token
     rec.owner = patcher.patches_uuid

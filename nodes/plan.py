@@ -108,6 +108,7 @@ class Record:
     tile_bytes: int = 64 << 20
     names: str = ""
     fp8: FP8Step | None = None  # whose slots are filled now
+    source: str | None = None  # the model file the weights were loaded from, where known (see model_file.py)
 
 
 def record_of(model) -> Record | None:

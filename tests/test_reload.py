@@ -197,3 +197,13 @@ def test_the_model_file_is_found_among_candidates(files, lora, tmp_path):
     assert found == files["prefixed"]
     assert len(reads) == 2  # one small weight read from each file whose header fits
     assert find_model_file([files["other"], junk], sd, state.fingerprints) is None
+
+
+def test_comfyuis_norm_weight_names_are_read_from_the_files_norm_scales(files):
+    """ComfyUI 0.33 loads Flux's qk-norm `..._norm.scale` as `..._norm.weight` (supported_models.py)."""
+    original = loaded(files["model"])
+    scale = "double_blocks.0.img_attn.norm.key_norm.scale"
+    live = {scale.removesuffix("scale") + "weight": torch.zeros_like(original[scale])}
+    key = next(iter(live))
+    assert reload_weights(live, files["model"], [key], {key: weight_fingerprint(original[scale])}) == [key]
+    assert torch.equal(live[key].view(torch.int16), original[scale].view(torch.int16))

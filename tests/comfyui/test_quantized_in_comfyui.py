@@ -153,6 +153,40 @@ def test_quantized_strength_switch_in_place_and_undo(lc, comfy, pack, rt, qplain
     assert_same_bits(parts(qplain), base)
 
 
+def test_an_impossible_undo_never_reloads_quantized_weights(lc, comfy, pack, rt, qplain, quant_sd, lora, tmp_path,
+                                                            caplog):
+    """Even with the model file known, quantized weights are not reloaded (payload and scale are not the file's
+    plain cast): the UndoError surfaces, the log says why, nothing changes and the record stays."""
+    import logging
+    import sys
+
+    from safetensors.torch import save_file
+
+    path = tmp_path / "quantized.safetensors"
+    save_file({k: v.contiguous() for k, v in quant_sd.items()}, str(path))
+    model_file = sys.modules[pack.__name__ + ".nodes.model_file"]
+    qplain.model.__dict__[model_file.SOURCE_ATTR] = str(path)  # as if found before
+    merged = rt.attach_plan(qplain, [entry(rt, lora, 0.8)])
+    load(comfy, merged)
+    rec = lc.record_of(qplain.model)
+    assert rec.source == str(path)
+    key = "double_blocks.0.img_attn.qkv.weight"
+    assert hasattr(qplain.model.diffusion_model.get_parameter(key).data, "_qdata")
+    true_print = rec.state.fingerprints[key]
+    rec.state.fingerprints[key] = true_print + 1
+    before = parts(qplain)
+    with caplog.at_level(logging.INFO, logger="flux_lora_ops"), pytest.raises(pack.lora_ops.UndoError):
+        lc.undo(qplain.model)
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "could not be reloaded from the model file" in errors[0]
+    assert f"is a scaled fp8 weight whose scale the merge changed; it is not reloaded from {path}" in errors[0]
+    assert lc.record_of(qplain.model) is rec
+    assert_same_bits(parts(qplain), before)
+    rec.state.fingerprints[key] = true_print
+    load(comfy, qplain)
+    assert lc.record_of(qplain.model) is None
+
+
 def test_int8_layer_is_refused_by_name_and_nothing_changes(comfy, pack, rt, quant_sd, lora):
     """A layer in another layout (built by hand: int8_tensorwise loads on the CPU) is refused at the node."""
     layer = "double_blocks.0.img_attn.qkv"
