@@ -58,15 +58,14 @@ def loaded(path, dtype=torch.bfloat16) -> dict[str, torch.Tensor]:
 
 
 def broken_undo(sd, state) -> str:
-    """Change one merged element the journal does not hold (one ulp, behind the engine's back): restore then
-    raises UndoError. Returns the weight changed."""
+    """Add 0.01 to one merged element the journal does not hold (behind the engine's back): restore then raises
+    UndoError. Returns the weight changed. (One ulp can vanish when the merge made the element smaller.)"""
     key = sorted(state.fingerprints)[2]
     numel = sd[key].numel()
     journal = state.journals[key]
     journaled = set(journal.lookup(0, numel)[0].tolist()) if journal.entries else set()
     at = next(i for i in range(numel) if i not in journaled)
-    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[sd[key].element_size()]
-    sd[key].view(ints).reshape(-1)[at] += 1
+    sd[key].reshape(-1)[at] += 0.01
     with pytest.raises(UndoError) as caught:
         restore(sd, state, tile_bytes=TILE)
     assert caught.value.keys == [key] and caught.value.unchanged
@@ -207,3 +206,16 @@ def test_comfyuis_norm_weight_names_are_read_from_the_files_norm_scales(files):
     key = next(iter(live))
     assert reload_weights(live, files["model"], [key], {key: weight_fingerprint(original[scale])}) == [key]
     assert torch.equal(live[key].view(torch.int16), original[scale].view(torch.int16))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: fingerprints recorded on the GPU")
+def test_weights_merged_on_a_gpu_are_reloaded_from_the_file(files, lora):
+    """The merge fingerprints tiles on the GPU (float64 matrix-vector product), the reload on the CPU (numpy's
+    wrapping int32 sums): the two must agree, and the file's bits land on the GPU tensors."""
+    sd = {k: v.cuda() for k, v in loaded(files["model"]).items()}
+    state = merge_loras(sd, [(lora, 1.3)], tile_bytes=TILE)
+    assert {a.device for a in state.arithmetic.values()} == {"cuda:0"}
+    broken_undo(sd, state)
+    restore_from_file(sd, files["model"], state)
+    assert all(v.is_cuda for v in sd.values())
+    assert not differing({k: v.cpu() for k, v in sd.items()}, loaded(files["model"]))
