@@ -2,9 +2,10 @@
 
 A model is loaded by UNETLoader's own loader (`comfy.sd.load_diffusion_model`) from a file in a temporary models
 folder, a stack is merged through the pack's lifecycle, and one merged element is changed behind the pack's back, so
-that taking the stack out would not give back the original bits (UndoError). ComfyUI's unpatch then reloads every
-merged weight from the file: the weights equal the file's bits cast as the loader cast them, the record is gone and a
-warning names the file. With no matching file the UndoError surfaces as before and the record stays.
+that taking the stack out would not give back the original bits (UndoError). ComfyUI's unpatch (or a strength switch,
+or the rollback of a failed load) then reloads every merged weight from the file: the weights equal the file's bits
+cast as the loader cast them, the record is gone and a warning names the file. With no matching file the UndoError
+surfaces as before and the record stays.
 
 Oracle: the file's tensors as safetensors' own reader gives them, cast with torch's `.to` to the loaded dtype.
 """
@@ -18,7 +19,7 @@ import sys
 
 import pytest
 import torch
-from inprocess import entry, load
+from inprocess import core_lora, entry, load
 from lora_factory import write_lora
 from safetensors import safe_open
 
@@ -197,3 +198,42 @@ def test_with_no_matching_file_the_error_surfaces_and_the_record_stays(comfy, pa
     load(comfy, unet)
     weights = live(unet)
     assert all(same_bits(weights[k], v) for k, v in file_bits(models / "diffusion_models" / NAME, weights).items())
+
+
+def test_a_failed_load_whose_pre_merge_cannot_be_undone_reloads_it(comfy, pack, rt, lc, unet, lora, models,
+                                                                   monkeypatch, caplog):
+    """With a core LoRA on one of our weights, that weight is merged before ComfyUI's load (pre-merge). The merge
+    after the load fails, and the pre-merged weight was changed behind the pack's back, so the rollback cannot
+    undo it exactly: it is reloaded from the file, and ComfyUI's own restore then leaves every weight as the file."""
+    point_folders(monkeypatch, models)
+    key = "img_in.weight"
+    core, _ = core_lora(unet, [key])
+    both = rt.attach_plan(core, [entry(rt, lora, 0.9)])
+    calls, real_merge = [], lc._merge
+
+    def merge(target, pairs, **kw):
+        calls.append(target)
+        if len(calls) == 1:
+            out = real_merge(target, pairs, **kw)
+            calls.append(out)
+            return out
+        pre_target, pre_state = calls[0], calls[1]
+        journal = pre_state.journals[key]
+        held = set(journal.lookup(0, pre_target[key].numel())[0].tolist()) if journal.entries else set()
+        at = next(i for i in range(pre_target[key].numel()) if i not in held)
+        with torch.inference_mode():
+            pre_target[key].reshape(-1)[at] += 0.01
+        raise RuntimeError("injected failure of the merge after ComfyUI's load")
+
+    monkeypatch.setattr(lc, "_merge", merge)
+    with caplog.at_level(logging.INFO, logger="flux_lora_ops"), pytest.raises(RuntimeError, match="injected"):
+        load(comfy, both)
+    assert sorted(calls[1].fingerprints) == [key]  # the pre-merge held exactly the core-patched weight
+    path = str(models / "diffusion_models" / NAME)
+    assert [r for r in caplog.records if r.levelno == logging.WARNING and f"reloaded the 1 merged weights from {path}"
+            in r.getMessage()]
+    monkeypatch.setattr(lc, "_merge", real_merge)
+    load(comfy, unet)
+    weights = live(unet)
+    bad = [k for k, v in file_bits(path, weights).items() if not same_bits(weights[k], v)]
+    assert not bad and lc.record_of(unet.model) is None
