@@ -145,13 +145,21 @@ class KeyJob:
 
     def base_rows(self, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The exact original rows (fp32, stored form), recovered from the current weights."""
+        base, stored, _ = self._recover(r0, r1)
+        return base, stored
+
+    def _recover(self, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """`base_rows`, plus the old terms' change over these rows when it does not depend on the base (None
+        otherwise): `run_tile` reuses it for the undo journal instead of computing it twice."""
         current = self._read(r0, r1, slot="base")
         if not self.old:
-            return current, self.matrix[r0:r1].to(self.device)
-        stored = self.codec.encode(self._before(current, self.old, self.old_linear, r0, r1), self.key, r0, "base")
+            return current, self.matrix[r0:r1].to(self.device), None
+        old_delta = self._delta(self.old, r0, r1, None, slot="old_delta") if self.old_linear else None
+        estimate = self._before(current, self.old, self.old_linear, r0, r1, old_delta)
+        stored = self._encode(estimate, r0, "base", slot="base_stored")
         cols = self.matrix.shape[1]
         stored = self._fix(stored, self.journal.lookup(r0 * cols, r1 * cols) if self.journal else None)
-        return self.codec.decode(stored, "base"), stored
+        return self._decode(stored, "base", slot="base"), stored, old_delta
 
     def merged_tiles(self, tile_rows: int) -> Iterator[tuple[int, torch.Tensor]]:
         """(first row, fp32 rows as this call will write them, before rounding) per tile; writes nothing."""
@@ -169,22 +177,25 @@ class KeyJob:
 
     def run_tile(self, r0: int, r1: int) -> None:
         """Write rows [r0, r1) of the new stack; journal what undo and a rollback need, then write."""
-        current_stored = self.matrix[r0:r1].to(self.device, copy=True) if self.old else None
-        base, base_stored = self.base_rows(r0, r1)
+        current_stored = self.matrix[r0:r1].to(self.device) if self.old else None  # read before the write below
+        base, base_stored, old_delta = self._recover(r0, r1)
         base_print = fingerprint(base_stored, r0)
         before_print = fingerprint(current_stored, r0) if self.old else base_print
         delta = self._delta(self.new, r0, r1, base, slot="delta")
         if self.new:  # base is not needed once the change is computed: merge into it
             out_stored = self._encode(base.add_(delta) if base is not base_stored else base + delta, r0, "new", "out")
         else:  # write the recovered original bits themselves (base + 0 would turn -0 into +0)
-            out_stored = base_stored.clone()
+            out_stored = base_stored
         if self.new or self.old:  # recorded even without exact_undo: a failure must roll back exactly
             out = self._decode(out_stored, "new", slot="base")
-            before = self._before(out, self.new, self.new_linear, r0, r1, delta if self.new_linear else None)
+            before = out
             if self.new:
+                before = self._before(out, self.new, self.new_linear, r0, r1, delta if self.new_linear else None)
                 self._record(self.new_journal, before, base_stored, r0, "base")
             if self.old:
-                undone = before + self._delta(self.old, r0, r1, before)
+                if old_delta is None:
+                    old_delta = self._delta(self.old, r0, r1, before)
+                undone = before.add_(old_delta)
                 self._record(self.undo_journal, undone, current_stored, r0, "current")
         self.matrix[r0:r1].copy_(out_stored)
         self.written.append((r0, r1))
