@@ -226,6 +226,34 @@ def test_the_reserve_is_all_a_rollback_needs(loras, phase, dtype, monkeypatch):
     assert not differing(start, found)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: measures the GPU caching allocator")
+@pytest.mark.parametrize("phase", ["merge", "change", "restore"])
+def test_on_a_gpu_the_rollback_fits_in_what_the_reserve_frees(loras, phase, monkeypatch):
+    """On CUDA: the peak memory of the rollback never exceeds what was allocated when it started (reserve still
+    held), so a card filled up to the failure can always roll back; the bits are exactly those found."""
+    stack = [(loras["kohya"], 0.8), (loras["loha"], -0.6), (loras["dora"], 0.7), (loras["bfl_control"], 1.0)]
+    start = {k: v.cuda() for k, v in base_of().items()}
+    state = merge_loras(start, stack, tile_bytes=TILE) if phase != "merge" else None
+    target = {"merge": stack, "change": [(loras["dora"], -0.4), (loras["kohya"], 0.3)], "restore": []}[phase]
+    found = snapshot(start)
+    at_failure = []
+    release = RollbackReserve.release
+
+    def measured_release(reserve):
+        torch.cuda.synchronize()
+        at_failure.append(torch.cuda.memory_allocated())
+        torch.cuda.reset_peak_memory_stats()
+        release(reserve)
+
+    monkeypatch.setattr(RollbackReserve, "release", measured_release)
+    with pytest.raises(torch.OutOfMemoryError, match="injected in the merge"):
+        merge_loras(start, target, state=state,
+                    options=MergeOptions(tile_bytes=TILE, min_tile_bytes=TILE, on_tile=fail_once_in_fourth_weight()))
+    torch.cuda.synchronize()
+    assert at_failure and torch.cuda.max_memory_allocated() <= at_failure[0]
+    assert not differing(start, found)
+
+
 # ------------------------------------------------------------------------------------------------ 2: other arithmetic
 
 
