@@ -192,15 +192,24 @@ def profile_merge(weights, lora, exact_undo: bool) -> str:
 
     from lora_ops.merge import MergeOptions, merge_loras, restore
 
+    originals = {k: weights[k].clone() for k in lora.targets}
+
+    def put_back(state) -> None:  # a merge without exact undo cannot be restored: copy the originals back
+        if exact_undo:
+            restore(weights, state)
+        else:
+            for k, v in originals.items():
+                weights[k].copy_(v)
+
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         state = merge_loras(weights, [(lora, 1.0)], options=MergeOptions(exact_undo=exact_undo))
-    restore(weights, state)
+    put_back(state)
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
     pr = cProfile.Profile()
     pr.enable()
     state = merge_loras(weights, [(lora, 1.0)], options=MergeOptions(exact_undo=exact_undo))
     pr.disable()
-    restore(weights, state)
+    put_back(state)
     buf = io.StringIO()
     pstats.Stats(pr, stream=buf).sort_stats("cumulative").print_stats(r"lora_ops", 18)
     lines = [ln for ln in buf.getvalue().splitlines() if ln.strip()]
@@ -379,6 +388,7 @@ def main() -> int:
     reset()
     exact_state = states.pop("ours_exact_undo")
     methods["ours_exact_undo"].update(peak_tile_bytes=reports["True"].peak_tile_bytes,
+                                      reserve_bytes=reports["True"].reserve_bytes,
                                       journal_bytes=exact_state.journal_bytes)
     methods["ours_no_journal"].update(peak_tile_bytes=reports["False"].peak_tile_bytes, journal_bytes=0)
     # bit-exact restore from the merged state (merge once more, then restore)
@@ -424,7 +434,8 @@ def main() -> int:
           f"{load_before[0]:.1f} before, {results['load_average_after'][0]:.1f} after (2 cores: above 2 the timings "
           "include waiting for the CPU)")
     ex = methods["ours_exact_undo"]
-    print(f"engine: MergeReport.peak_tile_bytes {ex['peak_tile_bytes'] / MIB:.1f} MiB; MergeState.journal_bytes "
+    print(f"engine: MergeReport.peak_tile_bytes {ex['peak_tile_bytes'] / MIB:.1f} MiB; rollback reserve "
+          f"{ex['reserve_bytes'] / MIB:.1f} MiB; MergeState.journal_bytes "
           f"{ex['journal_bytes'] / MIB:.1f} MiB ({ex['journal_bytes'] / merged_elems:.3f} B per merged element, "
           f"system RAM; 0 without exact undo); restore bit-exact: {ex['restore_bit_exact']}")
     print(f"check: ours vs full-layer on {SAMPLE_KEY}: max |diff| {results['sample_max_abs_diff_ours_vs_full']:.3g}, "

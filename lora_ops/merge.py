@@ -23,13 +23,12 @@ from dataclasses import dataclass, field
 import torch
 
 from . import rows
-from .adapters import ROW_BLOCK
 from .errors import LoRAOpsError, ModelMismatchError, UndoError, is_out_of_memory
 from .flux import strip_model_prefix
 from .formats import LoRAFile, check_fits
 from .heap import trim_heap
 from .journal import Arithmetic, Journal, threads_of
-from .rows import FP8_BUFFERS, MERGE_BUFFERS, Codec, Term, tile_budget, tile_rows_for, working_bytes
+from .rows import FP8_BUFFERS, Codec, Term, tile_budget, tile_rows_for, working_bytes
 from .transition import KeyJob, RollbackReserve, rollback_bytes
 from .units import MIB
 
@@ -203,7 +202,6 @@ def _run_job(job: KeyJob, budget: int, options: MergeOptions, report: MergeRepor
     cols = job.matrix.shape[1]
     blocks = len(job.old) + len(job.new)
     rows_per_tile = tile_rows_for(cols, budget, blocks)
-    job.piece_rows = min(ROW_BLOCK, rows_per_tile)  # what the rollback reserve was sized for
     job.prepare_norms(rows_per_tile)
     merged = (lambda: job.merged_tiles(rows_per_tile)) if job.new else None
     job.codec.begin(merged, bool(job.old), job.state.codec_state)
@@ -240,15 +238,16 @@ def _roll_back(jobs: list[KeyJob], error: BaseException, reserve: RollbackReserv
         ) from error
 
 
-def _reserve_needs(steps, budget: int, options: MergeOptions) -> dict[torch.device, int]:
+def _reserve_needs(steps, options: MergeOptions) -> dict[torch.device, int]:
     """Per compute device, the most any one weight's rollback may need (see RollbackReserve)."""
-    buffers = FP8_BUFFERS if options.codec_for else MERGE_BUFFERS
+    codec_buffers = FP8_BUFFERS if options.codec_for else 0
     needs: dict[torch.device, int] = {}
     for _key, weight, old, new, arithmetic in steps:
         device = torch.device(arithmetic.device)
         cols = weight.numel() // max(weight.shape[0], 1)
-        tile_rows = tile_rows_for(cols, budget, len(old) + len(new))
-        needs[device] = max(needs.get(device, 0), rollback_bytes(cols, tile_rows, [*old, *new], buffers))
+        terms = [*old, *new]
+        factors = sum(t.numel() for adapter, _ in terms for t in adapter.factors().values())
+        needs[device] = max(needs.get(device, 0), rollback_bytes(cols, factors, len(terms), codec_buffers))
     return needs
 
 
@@ -267,7 +266,7 @@ def _merge_once(
     steps = [(key, weights[key], old_terms.get(key, []), new_terms.get(key, [])) for key in keys]
     steps = [(key, w, old, new, _arithmetic_for(key, w, state, bool(old), options)) for key, w, old, new in steps]
     reserve = RollbackReserve()
-    reserve.hold(_reserve_needs(steps, budget, options))
+    reserve.hold(_reserve_needs(steps, options))
     report.reserve_bytes = max(report.reserve_bytes, reserve.nbytes)
     jobs: list[KeyJob] = []
     workspace = rows.Workspace()  # one set of tile buffers for every weight of this call

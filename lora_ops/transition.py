@@ -6,7 +6,7 @@ See merge.py for the engine that runs these jobs and for why undo is exact.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -15,20 +15,27 @@ from . import rows
 from .adapters import ROW_BLOCK, DoRA
 from .errors import UndoError, is_out_of_memory
 from .journal import Arithmetic, Journal, differing_bits, fingerprint
-from .rows import MERGE_BUFFERS, Codec, Term, working_bytes
+from .rows import Codec, Term
 
 if TYPE_CHECKING:
     from .merge import MergeState
 
 
+#: Rows per rollback piece: few, so that a piece's journal entries and temporaries stay small.
+ROLLBACK_ROWS = 32
+#: Bytes per element of a rollback piece beyond the call's tile buffers: the journal's fix (int64 index + value),
+#: a read from another device, and the fp32 temporaries of base-dependent kinds (DoRA).
+ROLLBACK_BYTES_PER_ELEMENT = 32
+
+
 class RollbackReserve:
     """Memory set aside, per compute device, for the whole of a merge call and given back when a rollback starts.
 
-    A rollback undoes one piece of at most ROW_BLOCK rows at a time in the call's reused tile buffers, so beyond
-    them it needs one weight's adapters (fp32, on the compute device) and one piece's temporaries:
-    `rollback_bytes`. Holding that much from the start means a failure (an out-of-memory error above all) can
-    always be undone: the rollback allocates into what the reserve frees. On a GPU the freed blocks stay in
-    torch's caching allocator, so no other process can take them in between.
+    A rollback undoes pieces of ROLLBACK_ROWS rows in the call's reused tile buffers, so beyond them it needs one
+    weight's adapters (fp32, on the compute device), one cached row block per adapter, and one piece's
+    temporaries: `rollback_bytes`. Holding that much from the start means a failure (an out-of-memory error above
+    all) can always be undone: the rollback allocates into what the reserve frees. On a GPU the freed blocks stay
+    in torch's caching allocator, so no other process can take them in between.
     """
 
     def __init__(self) -> None:
@@ -47,11 +54,12 @@ class RollbackReserve:
         self._held.clear()
 
 
-def rollback_bytes(cols: int, tile_rows: int, terms: Sequence[Term], buffers: int = MERGE_BUFFERS) -> int:
-    """What rolling back one weight may allocate beyond the call's tile buffers: its adapters in fp32 and the
-    working memory of one rollback piece (at most the merge's own need for as many rows)."""
-    adapters = sum(t.numel() for a, _ in terms for t in a.factors().values()) * 4
-    return adapters + working_bytes(min(ROW_BLOCK, tile_rows), cols, len(terms), buffers)
+def rollback_bytes(cols: int, factor_elements: int, terms: int, codec_buffers: int = 0) -> int:
+    """What rolling back one weight may allocate beyond the call's tile buffers: its `terms` adapters' factors in
+    fp32, one cached row block per adapter, and one piece's temporaries (`codec_buffers` more fp32 ones for codecs
+    that make their own, such as fp8)."""
+    blocks = terms * ROW_BLOCK * cols * 4
+    return factor_elements * 4 + blocks + ROLLBACK_ROWS * cols * (ROLLBACK_BYTES_PER_ELEMENT + 4 * codec_buffers)
 
 
 class KeyJob:
@@ -76,7 +84,6 @@ class KeyJob:
         self.new_journal = Journal()
         self.undo_journal = Journal()
         self.written: list[tuple[int, int]] = []
-        self.piece_rows = ROW_BLOCK  # rows per rollback piece; the engine sets it from the tile size
         zeros = torch.zeros(1, dtype=torch.int64, device=device)
         self.base_print, self.before_print = zeros, zeros.clone()  # fingerprints of the written rows
         self.workspace = workspace or rows.Workspace()
@@ -231,7 +238,7 @@ class KeyJob:
             )
 
     def rollback(self) -> None:
-        """Put back the bits this call replaced, in pieces of at most `piece_rows` rows (what the reserve covers);
+        """Put back the bits this call replaced, in pieces of ROLLBACK_ROWS rows (what the reserve covers);
         a piece that still runs out of memory is retried in halves. The result is checked against the
         fingerprint of the bits found (UndoError if it differs)."""
         if self.old is None:
@@ -239,8 +246,8 @@ class KeyJob:
         extent = self.written[-1][1] if self.written else 0
         while self.written:
             r0, r1 = self.written[-1]
-            for p0 in reversed(range(r0, r1, self.piece_rows)):
-                self._undo_range(p0, min(r1, p0 + self.piece_rows))
+            for p0 in reversed(range(r0, r1, ROLLBACK_ROWS)):
+                self._undo_range(p0, min(r1, p0 + ROLLBACK_ROWS))
             self.written.pop()
         self.codec.rollback()
         if not torch.equal(self._print_of_rows(extent), self.before_print.cpu()):

@@ -8,10 +8,10 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from .. import fp8
-from ..adapters import ROW_BLOCK
 from ..errors import LoRAOpsError
 from ..flux import FluxShape
 from ..rows import tile_rows_for, working_bytes
+from ..transition import rollback_bytes
 from ..units import GIB
 from .companions import CLIP_L_WIDTH, clip_l_text_params, text_encoder_for, vae_params
 from .inputs import WEIGHT_POLICIES, LoRAInfo, ModelInfo, PlanRequest
@@ -92,7 +92,7 @@ def merge_temporaries(
         this_tile = working_bytes(tile_rows, cols, 1)  # what MergeReport.peak_tile_bytes reports
         if this_tile > tile:
             tile, tile_key = this_tile, target
-        reserve = max(reserve, factors + working_bytes(min(ROW_BLOCK, tile_rows), cols, 1))  # rollback reserve
+        reserve = max(reserve, rollback_bytes(cols, factor_elems, 1))
         dense = 2 * rows * cols * 4 + factors  # fp32 copy of W + dense fp32 delta
         if dense > full:
             full, full_key = dense, target
