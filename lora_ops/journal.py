@@ -30,6 +30,14 @@ def differing_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.nonzero(a_bits != b_bits).squeeze(1)
 
 
+def _gather(values: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """values[flat] (1-D); on the CPU numpy's take, several times faster than torch's index kernel."""
+    if values.device.type != "cpu" or flat.device.type != "cpu":
+        return values[flat]
+    ints = _INT_OF_SIZE[values.element_size()]
+    return torch.from_numpy(np.take(values.view(ints).numpy(), flat.numpy())).view(values.dtype)
+
+
 @dataclass
 class _Segment:
     start: int  # flat range [start, stop) of the weight this segment covers
@@ -72,7 +80,7 @@ class Journal:
             self.segments.append(_Segment(start, start + truth.numel(), None, truth.reshape(-1).clone()))
         else:
             index = (flat.to(truth.device) + start).to(torch.int32)
-            self.segments.append(_Segment(start, start + truth.numel(), index, truth[flat]))
+            self.segments.append(_Segment(start, start + truth.numel(), index, _gather(truth, flat)))
 
     def settle(self) -> None:
         """Move the segments recorded since the last call to the CPU: one transfer of indices, one of values."""
