@@ -115,6 +115,8 @@ class Journal:
                     values.append(seg.values[i0:i1])
         if not indices:
             return None
+        if len(indices) == 1:  # the usual case: the tile lies in one segment
+            return indices[0], values[0]
         device = indices[0].device
         return torch.cat([i.to(device) for i in indices]), torch.cat([v.to(device) for v in values])
 

@@ -91,7 +91,17 @@ class KeyJob:
 
     def load_terms(self) -> None:
         """fp32 copies of this weight's adapters on the compute device (with known DoRA norms)."""
-        self.old, self.new = ([(a.on(self.device), c) for a, c in terms] for terms in self._sources)
+        copies: dict[int, object] = {}
+
+        def on_device(adapter):
+            if adapter.needs_base:  # DoRA carries the norms of its own stack: never shared
+                return adapter.on(self.device)
+            if id(adapter) not in copies:  # one copy for an adapter in both stacks (a strength change)
+                copies[id(adapter)] = adapter.on(self.device)
+            return copies[id(adapter)]
+
+        self.old, self.new = ([(on_device(a), c) for a, c in terms] for terms in self._sources)
+        self.shared = len(copies) < sum(1 for terms in self._sources for a, _ in terms if not a.needs_base)
         for (dev_adapter, _), (original, _) in zip(self.old + self.new, [*self._sources[0], *self._sources[1]]):
             if isinstance(dev_adapter, DoRA):
                 dev_adapter.use_norms(self.state.dora_norms.get((self.key, id(original))))
@@ -112,6 +122,20 @@ class KeyJob:
             return rows.delta(terms, r0, r1, self.matrix.shape[1], self.device, base)
         rows.add_terms(out.zero_(), terms, r0, r1, base)
         return out
+
+    def _old_and_new_deltas(self, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both stacks' changes over rows [r0, r1) (linear kinds), a row block at a time, so that an adapter in both
+        (a strength change) computes each block's matmul once: the second use finds it as its cached last block.
+        Per element the additions are those of `_delta`, in the same order: the same bits."""
+        old, new = (self._scratch(slot, r1 - r0, torch.float32) for slot in ("old_delta", "delta"))
+        cols = self.matrix.shape[1]
+        old = torch.zeros((r1 - r0, cols), device=self.device) if old is None else old.zero_()
+        new = torch.zeros((r1 - r0, cols), device=self.device) if new is None else new.zero_()
+        for b0 in range(r0, r1, ROW_BLOCK):
+            b1 = min(r1, b0 + ROW_BLOCK)
+            rows.add_terms(old[b0 - r0 : b1 - r0], self.old, b0, b1, None)
+            rows.add_terms(new[b0 - r0 : b1 - r0], self.new, b0, b1, None)
+        return old, new
 
     def _scratch(self, slot: str | None, n_rows: int, dtype: torch.dtype) -> torch.Tensor | None:
         """A reused tile buffer for the default codec (others make their own tensors)."""
@@ -152,21 +176,27 @@ class KeyJob:
 
     def base_rows(self, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The exact original rows (fp32, stored form), recovered from the current weights."""
-        base, stored, _ = self._recover(r0, r1)
+        base, stored, _, _ = self._recover(r0, r1)
         return base, stored
 
-    def _recover(self, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """`base_rows`, plus the old terms' change over these rows when it does not depend on the base (None
-        otherwise): `run_tile` reuses it for the undo journal instead of computing it twice."""
+    def _recover(self, r0: int, r1: int, new_too: bool = False) -> tuple[torch.Tensor, torch.Tensor,
+                                                                         torch.Tensor | None, torch.Tensor | None]:
+        """`base_rows`, plus the old terms' change over these rows when it does not depend on the base (`run_tile`
+        reuses it for the undo journal instead of computing it twice) and, with `new_too` when both stacks share
+        adapters, the new terms' change computed in the same pass (None where not computed)."""
         current = self._read(r0, r1, slot="base")
         if not self.old:
-            return current, self.matrix[r0:r1].to(self.device), None
-        old_delta = self._delta(self.old, r0, r1, None, slot="old_delta") if self.old_linear else None
+            return current, self.matrix[r0:r1].to(self.device), None, None
+        old_delta = new_delta = None
+        if new_too and self.shared and self.old_linear and self.new_linear:
+            old_delta, new_delta = self._old_and_new_deltas(r0, r1)
+        elif self.old_linear:
+            old_delta = self._delta(self.old, r0, r1, None, slot="old_delta")
         estimate = self._before(current, self.old, self.old_linear, r0, r1, old_delta)
         stored = self._encode(estimate, r0, "base", slot="base_stored")
         cols = self.matrix.shape[1]
         stored = self._fix(stored, self.journal.lookup(r0 * cols, r1 * cols) if self.journal else None)
-        return self._decode(stored, "base", slot="base"), stored, old_delta
+        return self._decode(stored, "base", slot="base"), stored, old_delta, new_delta
 
     def merged_tiles(self, tile_rows: int) -> Iterator[tuple[int, torch.Tensor]]:
         """(first row, fp32 rows as this call will write them, before rounding) per tile; writes nothing."""
@@ -185,10 +215,10 @@ class KeyJob:
     def run_tile(self, r0: int, r1: int) -> None:
         """Write rows [r0, r1) of the new stack; journal what undo and a rollback need, then write."""
         current_stored = self.matrix[r0:r1].to(self.device) if self.old else None  # read before the write below
-        base, base_stored, old_delta = self._recover(r0, r1)
+        base, base_stored, old_delta, new_delta = self._recover(r0, r1, new_too=True)
         base_print = fingerprint(base_stored, r0)
         before_print = fingerprint(current_stored, r0) if self.old else base_print
-        delta = self._delta(self.new, r0, r1, base, slot="delta")
+        delta = new_delta if new_delta is not None else self._delta(self.new, r0, r1, base, slot="delta")
         if self.new:  # base is not needed once the change is computed: merge into it
             out_stored = self._encode(base.add_(delta) if base is not base_stored else base + delta, r0, "new", "out")
         else:  # write the recovered original bits themselves (base + 0 would turn -0 into +0)
