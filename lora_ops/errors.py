@@ -28,13 +28,17 @@ class UndoError(RuntimeError):
     """Undo could not give back the exact bits it promised; `keys` names the weights concerned.
 
     `unchanged` tells whether those weights still hold the bits they had before the call (True), or are in
-    an unknown state (False: the rollback itself failed). Either way: reload them from the model file.
+    an unknown state (False: the rollback itself failed). Either way: reload them from the model file;
+    `originals` (when known) has the fingerprints of their original bits, to check the file against
+    (`lora_ops.reload_weights`).
     """
 
-    def __init__(self, message: str, keys: list[str], unchanged: bool) -> None:
+    def __init__(self, message: str, keys: list[str], unchanged: bool,
+                 originals: dict[str, torch.Tensor] | None = None) -> None:
         super().__init__(message)
         self.keys = keys
         self.unchanged = unchanged
+        self.originals = originals or {}
 
 
 class LoRAFormatWarning(UserWarning):

@@ -222,20 +222,34 @@ def _roll_back(jobs: list[KeyJob], error: BaseException, reserve: RollbackReserv
     """Undo every job (latest first) in the memory the reserve gives back; UndoError names those whose bits could
     not be put back."""
     reserve.release()
-    failed = []
+    failed: list[KeyJob] = []
     for job in reversed(jobs):
         try:
             with threads_of(job.arithmetic):
                 job.rollback()
         except BaseException:  # keep rolling the others back
-            failed.append(job.key)
+            failed.append(job)
     if failed:
+        keys = [job.key for job in failed]
         raise UndoError(
             f"{' '.join(str(error).split())[:200] or type(error).__name__}; then rolling back failed for "
-            f"{len(failed)} weights ({', '.join(failed[:3])}{', ...' if len(failed) > 3 else ''}), which may hold "
+            f"{len(keys)} weights ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}), which may hold "
             "wrong values now. Reload the model from its file.",
-            failed, unchanged=False,
+            keys, unchanged=False, originals=_original_prints(failed),
         ) from error
+
+
+def _original_prints(jobs: list[KeyJob]) -> dict[str, torch.Tensor]:
+    """The fingerprints of the original bits of weights whose rollback failed, where they can still be known."""
+    out = {}
+    for job in jobs:
+        try:
+            found = job.original_print()
+        except Exception:  # a reload of this weight then cannot be checked, and is refused
+            found = None
+        if found is not None:
+            out[job.key] = found
+    return out
 
 
 def _reserve_needs(steps, options: MergeOptions) -> dict[torch.device, int]:

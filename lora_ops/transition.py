@@ -84,6 +84,7 @@ class KeyJob:
         self.new_journal = Journal()
         self.undo_journal = Journal()
         self.written: list[tuple[int, int]] = []
+        self.extent = 0
         zeros = torch.zeros(1, dtype=torch.int64, device=device)
         self.base_print, self.before_print = zeros, zeros.clone()  # fingerprints of the written rows
         self.workspace = workspace or rows.Workspace()
@@ -236,6 +237,7 @@ class KeyJob:
                 self._record(self.undo_journal, undone, current_stored, r0, "current")
         self.matrix[r0:r1].copy_(out_stored)
         self.written.append((r0, r1))
+        self.extent = r1  # tiles are written in order: rows from here on still hold what the call found
         self.base_print += base_print  # only for rows written: a rollback checks exactly those
         self.before_print += before_print
 
@@ -295,12 +297,22 @@ class KeyJob:
         self._undo_range(mid, r1)
         self._undo_range(r0, mid)
 
-    def _print_of_rows(self, stop: int) -> torch.Tensor:
-        """Fingerprint of rows [0, stop) as stored now, 256 rows at a time on the CPU (cannot run out of VRAM)."""
+    def _print_of_rows(self, stop: int, start: int = 0) -> torch.Tensor:
+        """Fingerprint of rows [start, stop) as stored now, 256 rows at a time on the CPU (cannot run out of VRAM)."""
         total = torch.zeros(1, dtype=torch.int64)
-        for r0, r1 in rows.tiles(stop, ROW_BLOCK):
-            total += fingerprint(self.matrix[r0:r1].cpu(), r0)
+        for r0, r1 in rows.tiles(stop - start, ROW_BLOCK):
+            total += fingerprint(self.matrix[start + r0 : start + r1].cpu(), start + r0)
         return total
+
+    def original_print(self) -> torch.Tensor | None:
+        """Fingerprint of this weight's original bits (those of the model file), for a reload after a failed rollback.
+
+        A weight that held a stack before this call: the one its merge recorded. Otherwise the weight held its
+        original bits: those of the rows this call wrote (recorded as it wrote them) plus the rows it never
+        reached, as they still are."""
+        if self._sources[0]:
+            return self.state.fingerprints.get(self.key)
+        return self.base_print.cpu() + self._print_of_rows(self.matrix.shape[0], self.extent)
 
     def finished_journal(self) -> Journal | None:
         return self.new_journal if self.exact_undo else None

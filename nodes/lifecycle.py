@@ -253,8 +253,11 @@ def _merge_at_load(patcher, plan: MergePlan, original_load, load_args: tuple, lo
             options=_options(device, tile_bytes, True, progress.part()),
         )
     except BaseException as exc:
-        _roll_back(patcher, plan, pre_targets, pre_state, _options(device, tile_bytes, interruptible=False), exc)
-        raise
+        failure = _reload_after_failed_rollback(patcher, exc)
+        _roll_back(patcher, plan, pre_targets, pre_state, _options(device, tile_bytes, interruptible=False), failure)
+        if failure is exc:
+            raise
+        raise failure from None
     # The state names only what was merged in place (the fp8 step's layers come from untouched originals).
     merged_pairs = pairs if plan.fp8 is None else [(lora.only(touched), s) for lora, s in pairs]
     state = MergeState.combine(merged_pairs, (pre_state, post_state))
@@ -266,6 +269,18 @@ def _merge_at_load(patcher, plan: MergePlan, original_load, load_args: tuple, lo
         state.journal_bytes / MIB,
     )
     return out
+
+
+def _reload_after_failed_rollback(patcher, exc: BaseException) -> BaseException:
+    """A merge of this load failed and could not be rolled back: the weights it names are reloaded from the model
+    file, each checked against the fingerprint of its original bits. Returns the failure to report: the merge's
+    own error once they are back, else `exc` (no file fits: the UndoError says to reload the model)."""
+    if not isinstance(exc, UndoError) or not exc.originals or exc.__cause__ is None:
+        return exc
+    originals = MergeState(fingerprints=dict(exc.originals))
+    if not reload_merged(patcher.model, live_weights(patcher.model), originals, source_of(patcher), exc):
+        return exc
+    return exc.__cause__
 
 
 def _roll_back(patcher, plan: MergePlan, pre_targets: dict, pre_state: MergeState | None, options, exc) -> None:

@@ -13,14 +13,25 @@ import warnings
 import pytest
 import torch
 from lora_factory import TINY, base_state_dict, write_lora
+from safetensors.torch import save_file
 from tensor_checks import differing, snapshot
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from lora_ops import LoRAOpsError, MergeOptions, MergeReport, load_lora, merge_loras, restore
+from lora_ops import (
+    LoRAOpsError,
+    MergeOptions,
+    MergeReport,
+    MergeState,
+    load_lora,
+    merge_loras,
+    restore,
+    restore_from_file,
+)
 from lora_ops.adapters import LoRA
 from lora_ops.errors import LoRAFormatWarning, UndoError
 from lora_ops.journal import Arithmetic, fingerprint
+from lora_ops.reload import weight_fingerprint
 from lora_ops.synthetic import write_kohya_lora
 from lora_ops.transition import KeyJob, RollbackReserve
 
@@ -155,6 +166,35 @@ def test_a_rollback_that_cannot_run_is_never_retried_over(stack, monkeypatch):
     assert report.retries == 0
     assert not caught.value.unchanged and len(caught.value.keys) >= 4
     assert "out of memory" in str(caught.value) and "Reload the model" in str(caught.value)
+
+
+@pytest.mark.parametrize("phase", ["merge", "change"])
+def test_a_failed_rollback_says_what_the_original_bits_were_so_the_file_can_repair_them(stack, phase, tmp_path,
+                                                                                        monkeypatch):
+    """The rollback cannot run at all: the UndoError carries, for every weight it names, the fingerprint of the
+    original bits (those of the model file), and the file reloaded against them gives back exactly the original."""
+    original = base_of()
+    save_file(original, tmp_path / "model.safetensors")
+    kohya, dora = stack[0], stack[2]
+    sd = snapshot(original)
+    state = merge_loras(sd, [kohya, dora], tile_bytes=TILE) if phase == "change" else None
+    target = [kohya, dora] if phase == "merge" else [(dora[0], -0.4), (kohya[0], 0.2)]
+    before = snapshot(sd)
+    RollbackFaults(always=True).install(monkeypatch)
+    with pytest.raises(UndoError) as caught:
+        merge_loras(sd, target, state=state,
+                    options=MergeOptions(tile_bytes=TILE, min_tile_bytes=TILE, on_tile=fail_once_in_fourth_weight()))
+    error = caught.value
+    assert not error.unchanged and len(error.keys) >= 4 and sorted(error.originals) == sorted(error.keys)
+    for key, recorded in error.originals.items():
+        assert torch.equal(recorded, weight_fingerprint(original[key])), key
+    changed = set(differing(sd, before))
+    assert changed and changed <= set(error.keys)  # the rollback did not run: only these were changed
+    monkeypatch.undo()
+    restore_from_file(sd, tmp_path / "model.safetensors", MergeState(fingerprints=error.originals))
+    assert not differing({k: sd[k] for k in error.keys}, {k: original[k] for k in error.keys})
+    assert not differing({k: v for k, v in sd.items() if k not in error.keys},
+                         {k: v for k, v in before.items() if k not in error.keys})
 
 
 class MemoryCap(TorchDispatchMode):

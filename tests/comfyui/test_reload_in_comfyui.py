@@ -237,3 +237,38 @@ def test_a_failed_load_whose_pre_merge_cannot_be_undone_reloads_it(comfy, pack, 
     weights = live(unet)
     bad = [k for k, v in file_bits(path, weights).items() if not same_bits(weights[k], v)]
     assert not bad and lc.record_of(unet.model) is None
+
+
+def test_a_failed_load_whose_merge_cannot_be_rolled_back_reloads_those_weights(comfy, pack, rt, lc, unet, lora,
+                                                                               models, monkeypatch, caplog):
+    """The merge after ComfyUI's load fails in its third weight and its rollback cannot run at all: the weights it
+    had changed are reloaded from the model file, each checked against the fingerprint of its original bits (those
+    the merge saw as it wrote), and the load fails with the merge's own error."""
+    point_folders(monkeypatch, models)
+    job = sys.modules[pack.__name__ + ".lora_ops.transition"].KeyJob
+    real_run_tile, started = job.run_tile, []
+
+    def run_tile(self, r0, r1):
+        if self.key not in started:
+            started.append(self.key)
+        if len(started) == 3:
+            raise RuntimeError("injected failure in the merge after ComfyUI's load")
+        real_run_tile(self, r0, r1)
+
+    def rollback(self):
+        raise RuntimeError("injected: the rollback cannot run")
+
+    monkeypatch.setattr(job, "run_tile", run_tile)
+    monkeypatch.setattr(job, "rollback", rollback)
+    merged = rt.attach_plan(unet, [entry(rt, lora, 0.9)])
+    with caplog.at_level(logging.INFO, logger="flux_lora_ops"), pytest.raises(RuntimeError, match="after ComfyUI"):
+        load(comfy, merged)
+    path = str(models / "diffusion_models" / NAME)
+    assert [r for r in caplog.records if r.levelno == logging.WARNING and f"reloaded the 3 merged weights from {path}"
+            in r.getMessage()]
+    weights = live(unet)
+    bad = [k for k, v in file_bits(path, weights).items() if not same_bits(weights[k], v)]
+    assert not bad and lc.record_of(unet.model) is None
+    monkeypatch.undo()
+    load(comfy, merged)  # the stack merges into the reloaded base
+    assert sorted(lc.record_of(unet.model).state.fingerprints) == sorted(t + ".weight" for t in TARGETS)
