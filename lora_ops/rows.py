@@ -127,14 +127,6 @@ def add_terms(out: torch.Tensor, terms: Sequence[Term], r0: int, r1: int, base: 
         adapter.add_delta(out[a0 - r0 : a1 - r0], a0 - adapter.row_offset, a1 - adapter.row_offset, coeff, b)
 
 
-def delta(terms: Sequence[Term], r0: int, r1: int, cols: int, device: torch.device,
-          base: torch.Tensor | None) -> torch.Tensor:
-    """Σ coeff·ΔW over rows [r0, r1) as a new fp32 tensor."""
-    out = torch.zeros((r1 - r0, cols), dtype=torch.float32, device=device)
-    add_terms(out, terms, r0, r1, base)
-    return out
-
-
 def accumulate_dora_norms(terms: Sequence[Term], rows: int, tile_rows: int,
                           base_rows: Callable[[int, int], torch.Tensor]) -> list[DoRA]:
     """Column norms of every per-column DoRA among `terms`, over the base rows `base_rows(r0, r1)` (fp32).

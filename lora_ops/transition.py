@@ -1,5 +1,5 @@
 """One weight's move from one LoRA stack to another, tile by tile, with what undoing it needs: the journal, the
-fingerprints, and a memory reserve that keeps the rollback from running out of memory.
+fingerprints, and the memory a rollback allocates, set aside for the whole call.
 
 See merge.py for the engine that runs these jobs and for why undo is exact.
 """
@@ -33,9 +33,9 @@ class RollbackReserve:
 
     A rollback undoes pieces of ROLLBACK_ROWS rows in the call's reused tile buffers, so beyond them it needs one
     weight's adapters (fp32, on the compute device), one cached row block per adapter, and one piece's
-    temporaries: `rollback_bytes`. Holding that much from the start means a failure (an out-of-memory error above
-    all) can always be undone: the rollback allocates into what the reserve frees. On a GPU the freed blocks stay
-    in torch's caching allocator, so no other process can take them in between.
+    temporaries: `rollback_bytes`. Holding that much from the start means that after a failure (an out-of-memory
+    error above all) the rollback allocates into what the reserve frees. On a GPU the freed blocks stay in torch's
+    caching allocator, so no other process can take them in between.
     """
 
     def __init__(self) -> None:
@@ -117,21 +117,23 @@ class KeyJob:
         self.old = self.new = None
 
     # --- deltas -------------------------------------------------------------------------------
-    def _delta(self, terms, r0: int, r1: int, base: torch.Tensor | None, slot: str | None = None) -> torch.Tensor:
-        out = self._scratch(slot, r1 - r0, torch.float32)
+    def _zeros(self, slot: str | None, n_rows: int) -> torch.Tensor:
+        """A zeroed fp32 tile: the reused buffer `slot` where there is one, else a fresh tensor."""
+        out = self._scratch(slot, n_rows, torch.float32)
         if out is None:
-            return rows.delta(terms, r0, r1, self.matrix.shape[1], self.device, base)
-        rows.add_terms(out.zero_(), terms, r0, r1, base)
+            return torch.zeros((n_rows, self.matrix.shape[1]), dtype=torch.float32, device=self.device)
+        return out.zero_()
+
+    def _delta(self, terms, r0: int, r1: int, base: torch.Tensor | None, slot: str | None = None) -> torch.Tensor:
+        out = self._zeros(slot, r1 - r0)
+        rows.add_terms(out, terms, r0, r1, base)
         return out
 
     def _old_and_new_deltas(self, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Both stacks' changes over rows [r0, r1) (linear kinds), a row block at a time, so that an adapter in both
         (a strength change) computes each block's matmul once: the second use finds it as its cached last block.
         Per element the additions are those of `_delta`, in the same order: the same bits."""
-        old, new = (self._scratch(slot, r1 - r0, torch.float32) for slot in ("old_delta", "delta"))
-        cols = self.matrix.shape[1]
-        old = torch.zeros((r1 - r0, cols), device=self.device) if old is None else old.zero_()
-        new = torch.zeros((r1 - r0, cols), device=self.device) if new is None else new.zero_()
+        old, new = self._zeros("old_delta", r1 - r0), self._zeros("delta", r1 - r0)
         for b0 in range(r0, r1, ROW_BLOCK):
             b1 = min(r1, b0 + ROW_BLOCK)
             rows.add_terms(old[b0 - r0 : b1 - r0], self.old, b0, b1, None)
