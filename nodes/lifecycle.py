@@ -277,8 +277,7 @@ def _reload_after_failed_rollback(patcher, exc: BaseException) -> BaseException:
     own error once they are back, else `exc` (no file fits: the UndoError says to reload the model)."""
     if not isinstance(exc, UndoError) or not exc.originals or exc.__cause__ is None:
         return exc
-    originals = MergeState(fingerprints=dict(exc.originals))
-    if not reload_merged(patcher.model, live_weights(patcher.model), originals, source_of(patcher), exc):
+    if not reload_merged(patcher.model, live_weights(patcher.model), MergeState(), source_of(patcher), exc):
         return exc
     return exc.__cause__
 

@@ -14,6 +14,7 @@ bits before any is written); this module only finds the file:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -57,8 +58,11 @@ def candidates() -> list[str]:
 
 def reload_merged(model, weights: dict[str, torch.Tensor], state: MergeState, source: str | None,
                   error: UndoError) -> bool:
-    """After `error`: every weight `state` merged reloaded from the model file (checked); False when no file fits
-    (nothing changed then, and the caller raises `error`). Quantized or scaled fp8 weights are never reloaded."""
+    """After `error`: every weight `state` merged, and every weight the failed call had begun merging afresh
+    (`error.originals`), reloaded from the model file (checked); False when no file fits (nothing changed then, and
+    the caller raises `error`). Quantized or scaled fp8 weights are never reloaded."""
+    if error.originals:
+        state = dataclasses.replace(state, fingerprints={**error.originals, **state.fingerprints})
     keys = merged_keys(state)
     problems = [f"{k!r} is not one of the merged weights, so it cannot be checked" for k in error.keys if k not in keys]
     found = None if problems else _reload_first(weights, state, source, problems)
