@@ -84,7 +84,7 @@ class MergeReport:
     peak_tile_bytes: int = 0
     journal_bytes: int = 0
     retries: int = 0
-    reserve_bytes: int = 0  # memory held back so that a failure can always be rolled back
+    reserve_bytes: int = 0  # memory held back during the call for a rollback (see transition.RollbackReserve)
 
 
 def weight_map(target: Mapping[str, torch.Tensor] | torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -277,8 +277,10 @@ def _merge_once(
     total = sum(weights[k].numel() for k in keys)
     new_state = MergeState(list(loras), dict(state.journals), dict(state.dora_norms), dict(state.codec_state),
                            dict(state.fingerprints), dict(state.arithmetic))
-    steps = [(key, weights[key], old_terms.get(key, []), new_terms.get(key, [])) for key in keys]
-    steps = [(key, w, old, new, _arithmetic_for(key, w, state, bool(old), options)) for key, w, old, new in steps]
+    steps = []  # (key, weight, old terms, new terms, arithmetic) of every weight this call changes
+    for key in keys:
+        weight, old, new = weights[key], old_terms.get(key, []), new_terms.get(key, [])
+        steps.append((key, weight, old, new, _arithmetic_for(key, weight, state, bool(old), options)))
     reserve = RollbackReserve()
     reserve.hold(_reserve_needs(steps, options))
     report.reserve_bytes = max(report.reserve_bytes, reserve.nbytes)

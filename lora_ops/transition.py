@@ -276,15 +276,14 @@ class KeyJob:
         a piece that still runs out of memory is retried in halves. The result is checked against the
         fingerprint of the bits found (UndoError if it differs)."""
         if self.old is None:
-            retry_out_of_memory(self.load_terms, self.device)
-        extent = self.written[-1][1] if self.written else 0
+            _retry_out_of_memory(self.load_terms, self.device)
         while self.written:
             r0, r1 = self.written[-1]
             for p0 in reversed(range(r0, r1, ROLLBACK_ROWS)):
                 self._undo_range(p0, min(r1, p0 + ROLLBACK_ROWS))
             self.written.pop()
         self.codec.rollback()
-        if not torch.equal(self._print_of_rows(extent), self.before_print.cpu()):
+        if not torch.equal(self._print_of_rows(0, self.extent), self.before_print.cpu()):
             raise UndoError(f"{self.key!r}: rolling back did not give back its previous bits", [self.key], False)
 
     def _undo_range(self, r0: int, r1: int) -> None:
@@ -294,12 +293,12 @@ class KeyJob:
         except BaseException as error:
             if not is_out_of_memory(error) or r1 - r0 == 1:
                 raise
-        free_cache(self.device)
+        _free_cache(self.device)
         mid = (r0 + r1) // 2
         self._undo_range(mid, r1)
         self._undo_range(r0, mid)
 
-    def _print_of_rows(self, stop: int, start: int = 0) -> torch.Tensor:
+    def _print_of_rows(self, start: int, stop: int) -> torch.Tensor:
         """Fingerprint of rows [start, stop) as stored now, 256 rows at a time on the CPU (cannot run out of VRAM)."""
         total = torch.zeros(1, dtype=torch.int64)
         for r0, r1 in rows.tiles(stop - start, ROW_BLOCK):
@@ -314,23 +313,23 @@ class KeyJob:
         reached, as they still are."""
         if self._sources[0]:
             return self.state.fingerprints.get(self.key)
-        return self.base_print.cpu() + self._print_of_rows(self.matrix.shape[0], self.extent)
+        return self.base_print.cpu() + self._print_of_rows(self.extent, self.matrix.shape[0])
 
     def finished_journal(self) -> Journal | None:
         return self.new_journal if self.exact_undo else None
 
 
-def free_cache(device: torch.device) -> None:
+def _free_cache(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
 
-def retry_out_of_memory(step: Callable[[], None], device: torch.device) -> None:
+def _retry_out_of_memory(step: Callable[[], None], device: torch.device) -> None:
     """Run `step`; after an out-of-memory error free the allocator's cache and run it once more."""
     try:
         step()
     except BaseException as error:
         if not is_out_of_memory(error):
             raise
-        free_cache(device)
+        _free_cache(device)
         step()
