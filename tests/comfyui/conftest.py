@@ -108,3 +108,17 @@ def comfy_server(comfyui_root: Path, flux_tiny_checkpoint: Path, tmp_path_factor
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(autouse=True)
+def delete_server_outputs(request: pytest.FixtureRequest):
+    """What the server saved during a test (ModelSave writes a ~1 GB model each time) is deleted after it: over
+    the suite these files add up to about 20 GB on a disk that other jobs share."""
+    yield
+    if "comfy_server" not in request.fixturenames:
+        return
+    output = request.getfixturevalue("comfy_server").output_dir
+    # Files only: ComfyUI keeps the folders it lists models from (output/diffusion_models among them) in a cache.
+    for item in output.rglob("*"):
+        if not item.is_dir():
+            item.unlink()
