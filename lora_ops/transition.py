@@ -88,6 +88,8 @@ class KeyJob:
         zeros = torch.zeros(1, dtype=torch.int64, device=device)
         self.base_print, self.before_print = zeros, zeros.clone()  # fingerprints of the written rows
         self.workspace = workspace or rows.Workspace()
+        # DoRA norms the old stack was merged with (this call's own norms replace them in the state as it runs)
+        self._old_norms = [state.dora_norms.get((key, id(a))) for a, _ in old]
         self.load_terms()
 
     def load_terms(self) -> None:
@@ -103,9 +105,10 @@ class KeyJob:
 
         self.old, self.new = ([(on_device(a), c) for a, c in terms] for terms in self._sources)
         self.shared = len(copies) < sum(1 for terms in self._sources for a, _ in terms if not a.needs_base)
-        for (dev_adapter, _), (original, _) in zip(self.old + self.new, [*self._sources[0], *self._sources[1]]):
+        new_norms = [self.state.dora_norms.get((self.key, id(a))) for a, _ in self._sources[1]]
+        for (dev_adapter, _), norms in zip(self.old + self.new, self._old_norms + new_norms):
             if isinstance(dev_adapter, DoRA):
-                dev_adapter.use_norms(self.state.dora_norms.get((self.key, id(original))))
+                dev_adapter.use_norms(norms)
 
     @property
     def keeps_terms(self) -> bool:
@@ -221,22 +224,19 @@ class KeyJob:
         base, base_stored, old_delta, new_delta = self._recover(r0, r1, new_too=True)
         base_print = fingerprint(base_stored, r0)
         before_print = fingerprint(current_stored, r0) if self.old else base_print
+        if self.old:  # a rollback merges the old stack into the exact original rows again: journal where that misses
+            if old_delta is None:
+                old_delta = self._delta(self.old, r0, r1, base, slot="old_delta")
+            self._record(self.undo_journal, old_delta.add_(base), current_stored, r0, "current")
         delta = new_delta if new_delta is not None else self._delta(self.new, r0, r1, base, slot="delta")
         if self.new:  # base is not needed once the change is computed: merge into it
             out_stored = self._encode(base.add_(delta) if base is not base_stored else base + delta, r0, "new", "out")
         else:  # write the recovered original bits themselves (base + 0 would turn -0 into +0)
             out_stored = base_stored
-        if self.new or self.old:  # recorded even without exact_undo: a failure must roll back exactly
+        if self.new:  # recorded even without exact_undo: a failure must roll back exactly
             out = self._decode(out_stored, "new", slot="base")
-            before = out
-            if self.new:
-                before = self._before(out, self.new, self.new_linear, r0, r1, delta if self.new_linear else None)
-                self._record(self.new_journal, before, base_stored, r0, "base")
-            if self.old:
-                if old_delta is None:
-                    old_delta = self._delta(self.old, r0, r1, before)
-                undone = before.add_(old_delta)
-                self._record(self.undo_journal, undone, current_stored, r0, "current")
+            before = self._before(out, self.new, self.new_linear, r0, r1, delta if self.new_linear else None)
+            self._record(self.new_journal, before, base_stored, r0, "base")
         self.matrix[r0:r1].copy_(out_stored)
         self.written.append((r0, r1))
         self.extent = r1  # tiles are written in order: rows from here on still hold what the call found
@@ -254,12 +254,13 @@ class KeyJob:
             estimate = out.sub_(self._delta(self.new, r0, r1, None, slot="delta"))
         else:
             estimate = self._before(out, self.new, False, r0, r1)
-        if self.old:
-            estimate = estimate.add_(self._delta(self.old, r0, r1, estimate, slot="delta"))
-        cols = self.matrix.shape[1]
-        fix = (self.undo_journal if self.old else self.new_journal).lookup(r0 * cols, r1 * cols)
-        role = "current" if self.old else "base"
-        self.matrix[r0:r1].copy_(self._fix(self._encode(estimate, r0, role, slot="out"), fix))
+        lo, hi = r0 * self.matrix.shape[1], r1 * self.matrix.shape[1]
+        stored = self._fix(self._encode(estimate, r0, "base", slot="out"), self.new_journal.lookup(lo, hi))
+        if self.old:  # the old stack merged again into the exact original rows, as `run_tile` journaled it
+            base = self._decode(stored, "base", slot="base")
+            merged = base.add_(self._delta(self.old, r0, r1, base, slot="delta"))
+            stored = self._fix(self._encode(merged, r0, "current", slot="out"), self.undo_journal.lookup(lo, hi))
+        self.matrix[r0:r1].copy_(stored)
 
     def check_base(self, expected: torch.Tensor | None) -> None:
         """After the last tile: the original bits this call recovered must match the merge's fingerprint."""
