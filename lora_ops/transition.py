@@ -225,9 +225,7 @@ class KeyJob:
         base_print = fingerprint(base_stored, r0)
         before_print = fingerprint(current_stored, r0) if self.old else base_print
         if self.old:  # a rollback merges the old stack into the exact original rows again: journal where that misses
-            if old_delta is None:
-                old_delta = self._delta(self.old, r0, r1, base, slot="old_delta")
-            self._record(self.undo_journal, old_delta.add_(base), current_stored, r0, "current")
+            self._record(self.undo_journal, self._old_merged(base, r0, r1, old_delta), current_stored, r0, "current")
         delta = new_delta if new_delta is not None else self._delta(self.new, r0, r1, base, slot="delta")
         if self.new:  # base is not needed once the change is computed: merge into it
             out_stored = self._encode(base.add_(delta) if base is not base_stored else base + delta, r0, "new", "out")
@@ -243,6 +241,14 @@ class KeyJob:
         self.base_print += base_print  # only for rows written: a rollback checks exactly those
         self.before_print += before_print
 
+    def _old_merged(self, base: torch.Tensor, r0: int, r1: int, old_delta: torch.Tensor | None = None) -> torch.Tensor:
+        """The old stack merged into the exact original rows `base` (fp32, before rounding), as its own merge computed
+        it: what a rollback writes and what `run_tile` journals it against. `old_delta`: the old change if already
+        computed (it is added to in place; `base` is left as it is)."""
+        if old_delta is None:
+            old_delta = self._delta(self.old, r0, r1, base, slot="old_delta")
+        return old_delta.add_(base)
+
     def _record(self, journal: Journal, estimate: torch.Tensor, truth: torch.Tensor, r0: int, role: str) -> None:
         recovered = self._encode(estimate, r0, role, slot="recovered")
         journal.add(r0 * self.matrix.shape[1], differing_bits(recovered, truth), truth.reshape(-1))
@@ -257,8 +263,7 @@ class KeyJob:
         lo, hi = r0 * self.matrix.shape[1], r1 * self.matrix.shape[1]
         stored = self._fix(self._encode(estimate, r0, "base", slot="out"), self.new_journal.lookup(lo, hi))
         if self.old:  # the old stack merged again into the exact original rows, as `run_tile` journaled it
-            base = self._decode(stored, "base", slot="base")
-            merged = base.add_(self._delta(self.old, r0, r1, base, slot="delta"))
+            merged = self._old_merged(self._decode(stored, "base", slot="base"), r0, r1)
             stored = self._fix(self._encode(merged, r0, "current", slot="out"), self.undo_journal.lookup(lo, hi))
         self.matrix[r0:r1].copy_(stored)
 
