@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python bench/fp8_policy_error.py [--models flux2-dev,flux1-dev] [--seeds 2] [--json out.json]
 
-For each model, a Flux forward (bench/gpu_suite.py's BFL-structured Flux, which also runs Flux.2's
+For each model, a Flux forward (bench/flux_forward.py's BFL-structured Flux, which also runs Flux.2's
 shared modulation and gated MLP) with the model's real block counts at a reduced width (256, 2 heads of
 128; the fp8 rounding error of a weight is relative, so the width changes little), random weights from
 lora_ops.synthetic scaled to unit gain (std 1/sqrt(fan_in)), 256 image + 64 text tokens, computed in fp32.
@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import torch
+from flux_forward import Flux, make_inputs
 
 from lora_ops import GIB, fp8
 from lora_ops.flux import VARIANTS, FluxShape, flux_weight_shapes, is_modulation
@@ -44,15 +43,6 @@ GROUPS = (
 )
 
 
-def _suite():
-    path = Path(__file__).resolve().parent / "gpu_suite.py"
-    spec = importlib.util.spec_from_file_location("flux_lora_ops_gpu_suite", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def reduced(shape: FluxShape) -> FluxShape:
     return dataclasses.replace(shape, hidden=256, heads=2, context_dim=512)
 
@@ -66,12 +56,12 @@ def saved_bytes(real: FluxShape, names: list[str]) -> int:
     return sum(math.prod(dims[n]) - 4 for n in names)
 
 
-def forward(suite, shape: FluxShape, weights: dict[str, torch.Tensor], seed: int) -> torch.Tensor:
-    inputs = [t.float() if t.is_floating_point() else t for t in suite.make_inputs(shape, 256, 256, 1, 64, "cpu")]
+def forward(shape: FluxShape, weights: dict[str, torch.Tensor], seed: int) -> torch.Tensor:
+    inputs = [t.float() if t.is_floating_point() else t for t in make_inputs(shape, 256, 256, 1, 64, "cpu")]
     gen = torch.Generator().manual_seed(seed)
     inputs[0] = torch.randn(inputs[0].shape, generator=gen)
     with torch.no_grad():
-        return suite.Flux(weights, shape).forward(*inputs)
+        return Flux(weights, shape).forward(*inputs)
 
 
 def unit_gain(name: str, value: torch.Tensor) -> torch.Tensor:
@@ -90,11 +80,11 @@ def quantised(weights: dict[str, torch.Tensor], names: list[str]) -> dict[str, t
     return out
 
 
-def errors_for_seed(suite, small: FluxShape, seed: int) -> dict[str, float]:
+def errors_for_seed(small: FluxShape, seed: int) -> dict[str, float]:
     """Relative output error with each group, and each preset, in fp8 (all else bf16)."""
     names = list(linear_weights(small))
     weights = {k: unit_gain(k, v.float()) for k, v in flux_state_dict(small, seed=seed).items()}
-    ref = forward(suite, small, weights, seed)
+    ref = forward(small, weights, seed)
     out = {}
     selections = {label: [n for n in names if test(n)] for label, test in GROUPS}
     dims = flux_weight_shapes(small)
@@ -102,16 +92,16 @@ def errors_for_seed(suite, small: FluxShape, seed: int) -> dict[str, float]:
         selections[f"preset {preset}"] = [n for n in names if fp8.get_policy(preset).selects(n, dims[n])]
     for label, selected in selections.items():
         if selected:
-            y = forward(suite, small, quantised(weights, selected), seed)
+            y = forward(small, quantised(weights, selected), seed)
             out[label] = float((y - ref).norm()) / float(ref.norm())
     return out
 
 
-def measure(suite, model: str, seeds: int) -> dict[str, dict]:
+def measure(model: str, seeds: int) -> dict[str, dict]:
     real = VARIANTS[model]
     small = reduced(real)
     names = list(linear_weights(small))
-    runs = [errors_for_seed(suite, small, seed) for seed in range(seeds)]
+    runs = [errors_for_seed(small, seed) for seed in range(seeds)]
     tests = {label: test for label, test in GROUPS}
     dims = flux_weight_shapes(small)
     rows = {}
@@ -149,10 +139,9 @@ def main() -> int:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
-    suite = _suite()
     results = {}
     for model in args.models.split(","):
-        results[model] = measure(suite, model, args.seeds)
+        results[model] = measure(model, args.seeds)
         report(model, results[model])
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -1,6 +1,6 @@
 """A small Flux forward with fp8-merged weights stays close to the bf16-merged forward.
 
-The forward is the benchmark suite's own minimal BFL-structured Flux (bench/gpu_suite.py), fed with
+The forward is the benchmarks' own minimal BFL-structured Flux (bench/flux_forward.py), fed with
 dequantised weights, as ComfyUI computes scaled fp8 (weight.to(bf16) * scale).
 Tolerance stated: relative L2 error of the output ≤ 2 % (measured 0.27 %), and the LoRA's own effect on
 the output kept with cosine similarity ≥ 0.9 (measured 0.97): fp8 adds noise, it must not wash the LoRA out.
@@ -21,8 +21,8 @@ SHAPE = FluxShape(hidden=128, depth=1, depth_single=1, heads=2, context_dim=64, 
 
 
 def _suite():
-    path = Path(__file__).resolve().parents[1] / "bench" / "gpu_suite.py"
-    spec = importlib.util.spec_from_file_location("flux_lora_ops_gpu_suite", path)
+    path = Path(__file__).resolve().parents[1] / "bench" / "flux_forward.py"
+    spec = importlib.util.spec_from_file_location("flux_lora_ops_flux_forward", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
