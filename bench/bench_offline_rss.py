@@ -173,35 +173,46 @@ def against_comfyui(ckpt: Path, lora: Path, tmp: Path, env: dict[str, str], roun
     }
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--blocks", type=int, nargs="+", default=[2, 4, 8], help="total blocks (even)")
-    parser.add_argument("--rank", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=3, help="alternated runs of ours and ComfyUI's each")
-    parser.add_argument("--json", help="also write the figures to this file")
-    parser.add_argument("--tmp", default=None, help="directory for the checkpoints (needs ~2x the largest)")
-    args = parser.parse_args()
-
-    from bench.bench_merge_cpu import machine
-    from lora_ops.flux import FluxShape, parameter_count
-    from lora_ops.synthetic import write_flux_checkpoint, write_kohya_lora
-
+def child_env() -> dict[str, str]:
+    """os.environ with this checkout first on PYTHONPATH, so that every child merges with this tree's lora_ops."""
     root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in [str(root), os.environ.get("PYTHONPATH", "")] if p))
-    tmp_dir = tempfile.TemporaryDirectory(dir=args.tmp)
-    tmp = Path(tmp_dir.name)
-    print(f"machine: {machine()}; {time.strftime('%Y-%m-%d')}")
-    lora = write_kohya_lora(tmp / "lora.safetensors", FluxShape(depth=1, depth_single=1), rank=args.rank, seed=1)
-    print(f"LoRA: kohya rank {args.rank} on double block 0 + single block 0, {lora.stat().st_size / MIB:.1f} MiB")
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in [str(root), os.environ.get("PYTHONPATH", "")] if p))
+
+
+def set_up(tmp: Path, rank: int, env: dict[str, str]) -> tuple[Path, int]:
+    """The LoRA every checkpoint gets (on double block 0 and single block 0, which every size has), and the peak
+    RSS of a child that only imports python + torch + lora_ops, the floor under every merge's figure."""
+    from lora_ops.flux import FluxShape
+    from lora_ops.synthetic import write_kohya_lora
+
+    lora = write_kohya_lora(tmp / "lora.safetensors", FluxShape(depth=1, depth_single=1), rank=rank, seed=1)
+    print(f"LoRA: kohya rank {rank} on double block 0 + single block 0, {lora.stat().st_size / MIB:.1f} MiB")
     base = measure([sys.executable, "-c", "import torch, lora_ops.offline, lora_ops.cli"], env)
     print(f"baseline (python + torch + lora_ops imported): {base['maxrss'] / MIB:.0f} MiB")
+    return lora, base["maxrss"]
+
+
+def run_against_comfyui(tmp: Path, lora: Path, env: dict[str, str], rounds: int) -> dict | None:
+    """Write the 2-block checkpoint, time ours and ComfyUI's merge of it (against_comfyui), then delete it."""
+    from lora_ops.flux import FluxShape
+    from lora_ops.synthetic import write_flux_checkpoint
+
     first = write_flux_checkpoint(tmp / "flux_vs_comfyui.safetensors", FluxShape(depth=1, depth_single=1), seed=0)
     print(f"\nAgainst ComfyUI: {first.stat().st_size / GIB:.2f} GiB checkpoint (1 double + 1 single block)")
-    comfy = against_comfyui(first, lora, tmp, env, args.rounds)
+    comfy = against_comfyui(first, lora, tmp, env, rounds)
     first.unlink()
+    return comfy
+
+
+def measure_growth(sizes: list[int], tmp: Path, lora: Path, env: dict[str, str], baseline: int) -> list[dict]:
+    """Our merge alone on each checkpoint size, one child each; a size's checkpoint and output are deleted before
+    the next is written, so the disk holds one at a time."""
+    from lora_ops.flux import FluxShape, parameter_count
+    from lora_ops.synthetic import write_flux_checkpoint
+
     print("\nGrowth (ours only):")
     rows = []
-    for blocks in args.blocks:
+    for blocks in sizes:
         shape = FluxShape(depth=blocks // 2, depth_single=blocks - blocks // 2)
         ckpt = write_flux_checkpoint(tmp / f"flux_{blocks}.safetensors", shape, seed=0)
         out = tmp / f"merged_{blocks}.safetensors"
@@ -215,51 +226,87 @@ def main() -> int:
                 "params": parameter_count(shape),
                 "checkpoint_bytes": size,
                 "maxrss_bytes": result["maxrss"],
-                "above_baseline_bytes": result["maxrss"] - base["maxrss"],
+                "above_baseline_bytes": result["maxrss"] - baseline,
                 "seconds": result["seconds"],
                 "output_bytes": out.stat().st_size,
             }
         )
         print(
             f"{blocks} blocks ({shape.depth}+{shape.depth_single}): checkpoint {size / GIB:.2f} GiB, peak RSS "
-            f"{result['maxrss'] / MIB:.0f} MiB ({(result['maxrss'] - base['maxrss']) / MIB:.0f} MiB above baseline),"
+            f"{result['maxrss'] / MIB:.0f} MiB ({(result['maxrss'] - baseline) / MIB:.0f} MiB above baseline),"
             f" {result['seconds']:.1f} s"
         )
         ckpt.unlink()
         out.unlink()
+    return rows
+
+
+def flatness(rows: list[dict]) -> dict:
+    """Least-squares slope of peak RSS over checkpoint bytes, and the spread: a streamed merge's slope is ~0,
+    loading the whole checkpoint would make it >= 1. Keys as the JSON file has them."""
     xs = [r["checkpoint_bytes"] for r in rows]
     ys = [r["maxrss_bytes"] for r in rows]
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    spread = max(ys) - min(ys)
+    return {"slope_bytes_per_byte": slope, "spread_bytes": max(ys) - min(ys), "flat": slope < 0.05}
+
+
+def print_flatness(rows: list[dict], figures: dict) -> None:
+    slope, spread = figures["slope_bytes_per_byte"], figures["spread_bytes"]
+    grew = max(r["checkpoint_bytes"] for r in rows) - min(r["checkpoint_bytes"] for r in rows)
     print(
         f"slope (least squares): {slope * GIB / MIB:.1f} MiB of peak RSS per GiB of checkpoint "
         f"({slope:.3f} bytes per byte; loading the whole checkpoint would be >= 1.0); spread {spread / MIB:.0f} MiB "
-        f"while the checkpoint grew {(max(xs) - min(xs)) / GIB:.2f} GiB"
+        f"while the checkpoint grew {grew / GIB:.2f} GiB"
     )
-    flat = slope < 0.05
-    print(f"flat (slope < 0.05): {'yes' if flat else 'NO'}")
+    print(f"flat (slope < 0.05): {'yes' if figures['flat'] else 'NO'}")
     largest_tensor = 21504 * 3072 * 2
     print(
         f"for scale: the largest tensor (linear1, bf16) is {largest_tensor / MIB:.0f} MiB; its fp32 working copy "
         f"{2 * largest_tensor / MIB:.0f} MiB"
     )
-    if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {
-                    "machine": machine(),
-                    "date": time.strftime("%Y-%m-%d"),
-                    "baseline_bytes": base["maxrss"],
-                    "runs": rows,
-                    "slope_bytes_per_byte": slope,
-                    "spread_bytes": spread,
-                    "flat": flat,
-                    "against_comfyui": comfy,
-                },
-                indent=2,
-            )
+
+
+def write_json(path: Path, baseline: int, rows: list[dict], figures: dict, comfy: dict | None) -> None:
+    from bench.bench_merge_cpu import machine
+
+    path.write_text(
+        json.dumps(
+            {
+                "machine": machine(),
+                "date": time.strftime("%Y-%m-%d"),
+                "baseline_bytes": baseline,
+                "runs": rows,
+                **figures,
+                "against_comfyui": comfy,
+            },
+            indent=2,
         )
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--blocks", type=int, nargs="+", default=[2, 4, 8], help="total blocks (even)")
+    parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3, help="alternated runs of ours and ComfyUI's each")
+    parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--tmp", default=None, help="directory for the checkpoints (needs ~2x the largest)")
+    args = parser.parse_args()
+
+    from bench.bench_merge_cpu import machine
+
+    env = child_env()
+    tmp_dir = tempfile.TemporaryDirectory(dir=args.tmp)
+    tmp = Path(tmp_dir.name)
+    print(f"machine: {machine()}; {time.strftime('%Y-%m-%d')}")
+    lora, baseline = set_up(tmp, args.rank, env)
+    comfy = run_against_comfyui(tmp, lora, env, args.rounds)
+    rows = measure_growth(args.blocks, tmp, lora, env, baseline)
+    figures = flatness(rows)
+    print_flatness(rows, figures)
+    if args.json:
+        write_json(Path(args.json), baseline, rows, figures, comfy)
     tmp_dir.cleanup()
     return 0
 

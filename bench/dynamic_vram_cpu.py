@@ -20,6 +20,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -97,6 +98,67 @@ def _measure(comfy, pack, rt, dyn, base: dict, lora, lora_sd: dict, s: float) ->
     }
 
 
+class Setup:
+    """The pack imported as ComfyUI does, the model on a ModelPatcherDynamic forced onto the CPU, and one kohya LoRA
+    (ours parsed, core's the raw state dict)."""
+
+    def __init__(self, comfy: ModuleType, hidden: int, depth: int, depth_single: int, rank: int) -> None:
+        from inprocess import CPU0, build_model, force_dynamic_on_cpu, import_pack
+        from lora_factory import base_state_dict
+        from safetensors.torch import load_file
+
+        self.pack = import_pack("flux_lora_ops_bench")
+        self.rt = sys.modules[self.pack.__name__ + ".nodes.runtime"]
+        synthetic = importlib.import_module(self.pack.__name__ + ".lora_ops.synthetic")
+        self.shape = self.pack.lora_ops.FluxShape(
+            hidden=hidden,
+            depth=depth,
+            depth_single=depth_single,
+            heads=max(1, hidden // 128),
+            context_dim=256,
+            vec_dim=256,
+            time_dim=256,
+        )
+        self.base = base_state_dict(self.shape, 0)
+        lora_path = synthetic.write_kohya_lora(
+            Path(os.environ.get("TMPDIR", "/tmp")) / "dyn_bench_lora.safetensors", self.shape, rank
+        )
+        self.lora = self.pack.lora_ops.load_lora(lora_path)
+        self.lora_sd = load_file(str(lora_path))
+        force_dynamic_on_cpu(comfy)
+        with torch.inference_mode():
+            model = build_model(comfy, self.base)
+        self.dyn = comfy.model_patcher.ModelPatcherDynamic(model, load_device=CPU0, offload_device=torch.device("cpu"))
+
+
+def _figures(setup: Setup, rank: int, rows: list[dict]) -> dict:
+    """What --out writes: the shape, the model's and the LoRA's bytes, and one row per strength."""
+    return {
+        "shape": setup.shape.__dict__,
+        "rank": rank,
+        "model_bytes": sum(t.numel() * t.element_size() for t in setup.base.values()),
+        "lora_bytes": sum(t.numel() * t.element_size() for t in setup.lora_sd.values()),
+        "rows": rows,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def _print_figures(setup: Setup, result: dict) -> None:
+    # What a private merged host copy of every weight the LoRA changes would hold (the rejected alternative).
+    touched_bytes = sum(setup.base[k].numel() * setup.base[k].element_size() for k in setup.lora.targets)
+    print(
+        f"model {result['model_bytes'] / MIB:.0f} MiB, LoRA rank {result['rank']} {result['lora_bytes'] / MIB:.1f} "
+        f"MiB; private merged copies would hold {touched_bytes / MIB:.0f} MiB of host RAM"
+    )
+    print("strength  ours load  ours 1st cast  core load  core 1st cast  ours/core cast  bit-exact  our copies")
+    for r in result["rows"]:
+        print(
+            f"{r['strength']:8g}  {r['ours_load_s']:8.3f}s  {r['ours_first_cast_s']:12.3f}s  {r['core_load_s']:8.3f}s"
+            f"  {r['core_first_cast_s']:12.3f}s  {r['ours_first_cast_s'] / r['core_first_cast_s']:14.2f}"
+            f"  {str(r['ours_bit_exact']):9}  {r['ours_host_copies_bytes'] / 2**10:.0f} KiB"
+        )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hidden", type=int, default=1024)
@@ -111,56 +173,13 @@ def main() -> int:
         print("set COMFYUI_ROOT to a ComfyUI with ModelPatcherDynamic (e.g. ../shared/comfyui/0.33.0)")
         return 2
     comfy = _comfy(str(Path(root).resolve()))
-    from inprocess import CPU0, build_model, force_dynamic_on_cpu, import_pack
-    from lora_factory import base_state_dict
-
-    pack = import_pack("flux_lora_ops_bench")
-    rt = sys.modules[pack.__name__ + ".nodes.runtime"]
-    synthetic = importlib.import_module(pack.__name__ + ".lora_ops.synthetic")
-    shape = pack.lora_ops.FluxShape(
-        hidden=args.hidden,
-        depth=args.depth,
-        depth_single=args.depth_single,
-        heads=max(1, args.hidden // 128),
-        context_dim=256,
-        vec_dim=256,
-        time_dim=256,
-    )
-    base = base_state_dict(shape, 0)
-    lora_path = synthetic.write_kohya_lora(
-        Path(os.environ.get("TMPDIR", "/tmp")) / "dyn_bench_lora.safetensors", shape, args.rank
-    )
-    lora = pack.lora_ops.load_lora(lora_path)
-    from safetensors.torch import load_file
-
-    lora_sd = load_file(str(lora_path))
-    force_dynamic_on_cpu(comfy)
-    with torch.inference_mode():
-        model = build_model(comfy, base)
-    dyn = comfy.model_patcher.ModelPatcherDynamic(model, load_device=CPU0, offload_device=torch.device("cpu"))
-    model_bytes = sum(t.numel() * t.element_size() for t in base.values())
-    # What a private merged host copy of every weight the LoRA changes would hold (the rejected alternative).
-    touched_bytes = sum(base[k].numel() * base[k].element_size() for k in lora.targets)
-    rows = [_measure(comfy, pack, rt, dyn, base, lora, lora_sd, float(x)) for x in args.strengths.split(",")]
-    result = {
-        "shape": shape.__dict__,
-        "rank": args.rank,
-        "model_bytes": model_bytes,
-        "lora_bytes": sum(t.numel() * t.element_size() for t in lora_sd.values()),
-        "rows": rows,
-        "torch_threads": torch.get_num_threads(),
-    }
-    print(
-        f"model {model_bytes / MIB:.0f} MiB, LoRA rank {args.rank} {result['lora_bytes'] / MIB:.1f} MiB; "
-        f"private merged copies would hold {touched_bytes / MIB:.0f} MiB of host RAM"
-    )
-    print("strength  ours load  ours 1st cast  core load  core 1st cast  ours/core cast  bit-exact  our copies")
-    for r in rows:
-        print(
-            f"{r['strength']:8g}  {r['ours_load_s']:8.3f}s  {r['ours_first_cast_s']:12.3f}s  {r['core_load_s']:8.3f}s"
-            f"  {r['core_first_cast_s']:12.3f}s  {r['ours_first_cast_s'] / r['core_first_cast_s']:14.2f}"
-            f"  {str(r['ours_bit_exact']):9}  {r['ours_host_copies_bytes'] / 2**10:.0f} KiB"
-        )
+    setup = Setup(comfy, args.hidden, args.depth, args.depth_single, args.rank)
+    rows = [
+        _measure(comfy, setup.pack, setup.rt, setup.dyn, setup.base, setup.lora, setup.lora_sd, float(strength))
+        for strength in args.strengths.split(",")
+    ]
+    result = _figures(setup, args.rank, rows)
+    _print_figures(setup, result)
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
     return 0 if all(r["ours_bit_exact"] for r in rows) else 1
