@@ -18,6 +18,7 @@ import importlib
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import ModuleType
@@ -120,11 +121,10 @@ class Setup:
             time_dim=256,
         )
         self.base = base_state_dict(self.shape, 0)
-        lora_path = synthetic.write_kohya_lora(
-            Path(os.environ.get("TMPDIR", "/tmp")) / "dyn_bench_lora.safetensors", self.shape, rank
-        )
-        self.lora = self.pack.lora_ops.load_lora(lora_path)
-        self.lora_sd = load_file(str(lora_path))
+        with tempfile.TemporaryDirectory() as tmp:  # read into memory, then deleted: the bench leaves no file
+            lora_path = synthetic.write_kohya_lora(Path(tmp) / "dyn_bench_lora.safetensors", self.shape, rank)
+            self.lora = self.pack.lora_ops.load_lora(lora_path)
+            self.lora_sd = load_file(str(lora_path))
         force_dynamic_on_cpu(comfy)
         with torch.inference_mode():
             model = build_model(comfy, self.base)
