@@ -26,6 +26,8 @@ from pathlib import Path
 import hostile_files as hf
 import pytest
 import torch
+from hostile_bytes import SENTINEL
+from hostile_loras import kohya_tensors, model_state_dict, write_model, write_valid_lora
 from tensor_checks import assert_same_bits, sha256, snapshot
 
 from lora_ops import errors, load_lora, merge_loras, restore
@@ -68,7 +70,7 @@ def check_message(message: str, case: hf.Hostile, path: Path) -> None:
 
 
 def no_sentinel(directory: Path) -> None:
-    assert not (directory / hf.SENTINEL).exists(), "a pickle was unpickled"
+    assert not (directory / SENTINEL).exists(), "a pickle was unpickled"
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +80,8 @@ def world(tmp_path_factory):
     paths = {h.name: h.write(root / "cases" / h.name) for h in hf.HOSTILE}
     (root / "model").mkdir()
     (root / "good").mkdir()
-    model = hf.write_model(root / "model" / "flux_tiny.safetensors")
-    good = hf.write_valid_lora(root / "good" / "good.safetensors")
+    model = write_model(root / "model" / "flux_tiny.safetensors")
+    good = write_valid_lora(root / "good" / "good.safetensors")
     yield {"root": root, "paths": paths, "model": model, "good": good}
     print(f"\n[test_hostile] counts: {dict(COUNTS)}")
 
@@ -119,7 +121,7 @@ def test_merge_loras_refuses_and_changes_nothing(world, case):
     COUNTS["cases"] += 1
     lora = load_lora(path)
     good = load_good(world)
-    sd = hf.model_state_dict()
+    sd = model_state_dict()
     original = snapshot(sd)
     # alone, after a good LoRA in the same stack, and as a change from a merged state
     for stack in ([(lora, 1.0)], [(good, 0.8), (lora, -0.5)]):
@@ -189,7 +191,7 @@ def test_missing_alpha_is_valid_scale_one_and_reported(world, tmp_path):
     path = tmp_path / "no_alpha.safetensors"
     from safetensors.torch import save_file
 
-    save_file(hf.kohya_tensors(alpha=None), str(path))
+    save_file(kohya_tensors(alpha=None), str(path))
     before = sha256(path)
     with warnings.catch_warnings():
         warnings.simplefilter("error", LoRAFormatWarning)
@@ -260,7 +262,7 @@ def test_strength_that_overflows_the_output_dtype_is_refused(world, tmp_path):
 
 
 def test_merge_loras_refuses_a_non_finite_strength(world):
-    sd = hf.model_state_dict()
+    sd = model_state_dict()
     before = snapshot(sd)
     with pytest.raises(LoRAOpsError):
         merge_loras(sd, [(load_good(world), float("nan"))])
