@@ -14,10 +14,10 @@ import json
 import pytest
 import torch
 from comfy_harness import read_saved_model, reads_comfy_quant
+from node_server import SMALL, load_node, merge_node, save_node, saved_file, unet, unique
+from node_server import write_lora as write_node_lora
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_nodes_integration import SMALL, load_node, merge_node, save_node, saved_file, unet, unique
-from test_nodes_integration import write_lora as write_node_lora
 
 from lora_ops import fp8, load_lora
 
