@@ -1,9 +1,9 @@
 """Offline merge, whole process: `python -m lora_ops merge` against ComfyUI's load → LoRA patch → save, and
 our peak RSS as the checkpoint grows.
 
-Run by hand (never a unit test), under the machine's heavy-job lock:
+Run by hand (never a unit test), on an otherwise idle machine:
 
-    COMFYUI_ROOT=/work/shared/comfyui/0.3.64 COMFYUI_PYTHON=/work/venvs/c064/bin/python \
+    COMFYUI_ROOT=../shared/comfyui/0.3.64 COMFYUI_PYTHON=<ComfyUI's venv>/bin/python \
         PYTHONPATH=. python bench/bench_offline_rss.py [--rounds 3] [--blocks 2 4 8] [--json out.json]
 
 **Against ComfyUI** (when COMFYUI_ROOT is set): on the 2-block checkpoint (1 double + 1 single block at width

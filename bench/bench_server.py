@@ -1,9 +1,9 @@
 """Inside a ComfyUI server (CPU, default malloc): memory after merge + save, and the time of a strength change,
 MergeLoRAIntoModel against ComfyUI's own LoraLoaderModelOnly, over HTTP.
 
-Run by hand (never a unit test), with ComfyUI's venv, under the machine's heavy-job lock:
+Run by hand (never a unit test), with ComfyUI's venv, on an otherwise idle machine:
 
-    COMFYUI_ROOT=/work/shared/comfyui/0.3.64 /work/venvs/c064/bin/python bench/bench_server.py [--rounds 2]
+    COMFYUI_ROOT=../shared/comfyui/0.3.64 <ComfyUI's venv>/bin/python bench/bench_server.py [--rounds 2]
 
 Model: Flux at the real width, 1 double + 1 single block (1.04 GiB bf16); LoRA: rank-32 kohya on all 13 block
 Linears. Each round starts one fresh server per method (`--cpu --bf16-unet`, glibc's default malloc: no

@@ -172,7 +172,7 @@ def _shapes(shape):
 
 def comfy_probe(args: list[str]) -> dict:
     root = os.environ["COMFYUI_ROOT"]
-    python = os.environ.get("COMFYUI_PYTHON", "/work/venv/bin/python")
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
     proc = subprocess.run([python, str(Path(__file__).resolve()), "--comfy-probe", *args], cwd=root,
                           capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
