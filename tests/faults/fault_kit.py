@@ -56,6 +56,17 @@ class Fault:
             raise self.make()
 
 
+def raise_at(done_at: int, exc: type[BaseException]):
+    """An offline progress callback that raises `exc` when `done` reaches `done_at` (counted as an injected fault)."""
+
+    def progress(done: int, total: int) -> None:
+        if done == done_at:
+            COUNTS["faults injected"] += 1
+            raise exc
+
+    return progress
+
+
 def oom() -> torch.OutOfMemoryError:
     return torch.OutOfMemoryError("CUDA out of memory (injected)")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fault_kit import BASE_SEED, COUNTS, MIN_TILE, TILE, Cancelled, oom
+from fault_kit import BASE_SEED, COUNTS, MIN_TILE, TILE, Cancelled, oom, raise_at
 from lora_factory import TINY, base_state_dict
 from safetensors.torch import save_file
 from tensor_checks import sha256
@@ -137,13 +137,8 @@ def test_interrupt_during_offline_save(offline_setup):
     s = offline_setup
     out = s["out"] / "merged.safetensors"
     for at in (1, 20, 60):
-        def progress(done, total, at=at):
-            if done == at:
-                COUNTS["faults injected"] += 1
-                raise KeyboardInterrupt
-
         with pytest.raises(KeyboardInterrupt):
-            offline.merge_checkpoint(s["model"], s["stack"], out, progress=progress)
+            offline.merge_checkpoint(s["model"], s["stack"], out, progress=raise_at(at, KeyboardInterrupt))
         assert listing(s["out"]) == []
     assert {p: sha256(p) for p in s["inputs"]} == s["inputs"]
 
@@ -257,13 +252,7 @@ def test_fp8_offline_save_disk_full_leaves_nothing(offline_setup, monkeypatch, w
 def test_fp8_offline_interrupt_leaves_nothing(offline_setup):
     s = offline_setup
     out = s["out"] / "merged_fp8.safetensors"
-
-    def progress(done, total):
-        if done == 7:
-            COUNTS["faults injected"] += 1
-            raise Cancelled
-
     with pytest.raises(Cancelled):
-        fp8.merge_checkpoint_fp8(s["model"], s["stack"], out, progress=progress)
+        fp8.merge_checkpoint_fp8(s["model"], s["stack"], out, progress=raise_at(7, Cancelled))
     assert listing(s["out"]) == []
     assert {p: sha256(p) for p in s["inputs"]} == s["inputs"]
