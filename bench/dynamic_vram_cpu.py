@@ -74,8 +74,9 @@ def _core_clone(comfy, patcher, lora_sd: dict, strength: float):
     return clone
 
 
-def _measure(comfy, pack, rt, dyn, base: dict, lora, lora_sd: dict, s: float) -> dict:
+def _measure(comfy, setup: Setup, s: float) -> dict:
     """One strength: load and first-cast seconds for ours and for core, our bit-exactness and host copies."""
+    pack, rt, dyn, base, lora = setup.pack, setup.rt, setup.dyn, setup.base, setup.lora
     ours = rt.attach_plan(dyn, [rt.StackEntry("lora", s, lora)])
     t_load = _timed_load(comfy, ours)
     touched = {"diffusion_model." + k for k in lora.targets}
@@ -85,7 +86,7 @@ def _measure(comfy, pack, rt, dyn, base: dict, lora, lora_sd: dict, s: float) ->
     with torch.inference_mode():
         pack.lora_ops.merge_loras(fresh, [(lora, s)])
     exact = all(torch.equal(got[k], fresh[k]) for k in fresh)
-    core = _core_clone(comfy, dyn, lora_sd, s)
+    core = _core_clone(comfy, dyn, setup.lora_sd, s)
     c_load = _timed_load(comfy, core)
     _, c_cast = _effective(core)
     return {
@@ -108,6 +109,7 @@ class Setup:
         from lora_factory import base_state_dict
         from safetensors.torch import load_file
 
+        self.rank = rank
         self.pack = import_pack("flux_lora_ops_bench")
         self.rt = sys.modules[self.pack.__name__ + ".nodes.runtime"]
         synthetic = importlib.import_module(self.pack.__name__ + ".lora_ops.synthetic")
@@ -131,11 +133,11 @@ class Setup:
         self.dyn = comfy.model_patcher.ModelPatcherDynamic(model, load_device=CPU0, offload_device=torch.device("cpu"))
 
 
-def _figures(setup: Setup, rank: int, rows: list[dict]) -> dict:
+def _figures(setup: Setup, rows: list[dict]) -> dict:
     """What --out writes: the shape, the model's and the LoRA's bytes, and one row per strength."""
     return {
         "shape": setup.shape.__dict__,
-        "rank": rank,
+        "rank": setup.rank,
         "model_bytes": sum(t.numel() * t.element_size() for t in setup.base.values()),
         "lora_bytes": sum(t.numel() * t.element_size() for t in setup.lora_sd.values()),
         "rows": rows,
@@ -174,11 +176,8 @@ def main() -> int:
         return 2
     comfy = _comfy(str(Path(root).resolve()))
     setup = Setup(comfy, args.hidden, args.depth, args.depth_single, args.rank)
-    rows = [
-        _measure(comfy, setup.pack, setup.rt, setup.dyn, setup.base, setup.lora, setup.lora_sd, float(strength))
-        for strength in args.strengths.split(",")
-    ]
-    result = _figures(setup, args.rank, rows)
+    rows = [_measure(comfy, setup, float(strength)) for strength in args.strengths.split(",")]
+    result = _figures(setup, rows)
     _print_figures(setup, result)
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
